@@ -1,0 +1,50 @@
+# ctrain: the two commands are `make demo` and `make test`. Everything else is a helper.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export CTRAIN_HOME ?= $(CURDIR)/.ctrain
+
+.PHONY: install demo test test-fast lint up down clean bench
+
+## install: create .venv from the pinned lock (a second run is a no-op unless the lock changed)
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml training_image/pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e . -e training_image
+	@touch $(STAMP)
+
+## demo: generate data, run the continuous_training DAG end to end on embedded defaults, print a summary
+demo: install
+	$(BIN)/python -m ctrain.demo
+
+## test: the whole suite (slow end-to-end tests included)
+test: install
+	$(BIN)/python -m pytest -q
+
+## test-fast: skip the slow end-to-end tests
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check dags plugins training_image tests bench feature_repo
+
+## up/down: Airflow (standalone: api-server, scheduler, dag-processor, triggerer) + MLflow UI
+up: install
+	@bash scripts/up.sh
+
+down:
+	@bash scripts/down.sh
+
+## bench: benchmarks (bench extra: PyTorch Lightning for the loop comparison)
+bench: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.lock
+	$(BIN)/python bench/loop_overhead.py
+	$(BIN)/python bench/checkpoint.py
+	$(BIN)/python bench/data_plane.py
+
+clean: down
+	rm -rf .ctrain

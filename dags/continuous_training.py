@@ -1,0 +1,133 @@
+"""
+### continuous_training
+
+Features from Feast -> Great Expectations gate -> DDP training (torchrun) -> evaluation -> MLflow
+registry -> governance -> promotion.
+
+Runs daily at 03:00 UTC **or** as soon as a new `transactions` partition lands (Asset event), and from
+the UI with the Params below. Re-running for the same data and config resumes or reuses the earlier
+training (run key = dag, dataset version, config): it never trains or registers twice.
+
+Task code lives in `plugins/ctrain/pipeline.py`; this file is wiring only.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from assets import TRANSACTIONS
+
+DEFAULT_ARGS = {
+    "owner": "ml-platform",
+    "retries": 1,
+    "retry_delay": pendulum.duration(seconds=30),
+}
+
+
+@dag(
+    dag_id="continuous_training",
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 3 * * *", timezone="UTC"), assets=[TRANSACTIONS]
+    ),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    doc_md=__doc__,
+    tags=["ctrain", "training", "fraud"],
+    params={
+        "start": Param(None, type=["null", "string"], format="date",
+                       description="First day of labelled events to train on (default: all data)."),
+        "end": Param(None, type=["null", "string"], format="date",
+                     description="Last day (inclusive) of labelled events (default: newest partition)."),
+        "trainer_overrides": Param({}, type="object",
+                                   description='Trainer config overrides, e.g. {"optim.lr": "0.002"}.'),
+        "min_test_roc_auc": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                                  description="Governance floor for test ROC AUC (default: CTRAIN_MIN_TEST_ROC_AUC)."),
+    },
+)
+def continuous_training():
+    @task
+    def build_dataset() -> dict:
+        from ctrain import pipeline
+        from ctrain.settings import get_settings
+
+        params = get_current_context()["params"]
+        return pipeline.build_dataset(get_settings(), start=params["start"], end=params["end"])
+
+    @task(retries=0)
+    def validate(snapshot: dict) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from ctrain import pipeline
+        from ctrain.errors import ValidationFailed
+        from ctrain.settings import get_settings
+
+        try:
+            return pipeline.validate(get_settings(), snapshot)
+        except ValidationFailed as exc:  # bad data does not get better with retries
+            raise AirflowFailException(str(exc)) from exc
+
+    @task(retries=2, retry_exponential_backoff=True)
+    def train(snapshot: dict, validation: dict) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from ctrain import pipeline
+        from ctrain.errors import TrainingFailed
+        from ctrain.settings import get_settings
+
+        ctx = get_current_context()
+        try:
+            return pipeline.train(get_settings(), snapshot, validation, dag_id=ctx["dag"].dag_id,
+                                  dag_run_id=ctx["run_id"], overrides=ctx["params"]["trainer_overrides"],
+                                  sink=lambda line: print(line, flush=True))
+        except TrainingFailed as exc:
+            if not exc.retryable:
+                raise AirflowFailException(str(exc)) from exc
+            raise
+
+    @task
+    def evaluate(training: dict, snapshot: dict) -> dict:
+        from ctrain import pipeline
+        from ctrain.settings import get_settings
+
+        return pipeline.evaluate(get_settings(), training, snapshot)
+
+    @task
+    def register(training: dict, snapshot: dict, validation: dict, evaluation: dict) -> dict:
+        from ctrain import pipeline
+        from ctrain.settings import get_settings
+
+        # evaluation is an input only for ordering: a model that fails evaluation is never registered.
+        return pipeline.register(get_settings(), training, snapshot, validation, get_current_context()["run_id"])
+
+    @task(retries=0)
+    def govern(evaluation: dict, registration: dict) -> dict:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from ctrain import pipeline
+        from ctrain.errors import GovernanceRejected
+        from ctrain.settings import get_settings
+
+        try:
+            return pipeline.govern(get_settings(), evaluation, get_current_context()["params"]["min_test_roc_auc"])
+        except GovernanceRejected as exc:
+            raise AirflowFailException(str(exc)) from exc
+
+    @task
+    def promote(registration: dict, evaluation: dict, decision: dict) -> dict:
+        from ctrain import pipeline
+        from ctrain.settings import get_settings
+
+        return pipeline.promote(get_settings(), registration, evaluation, decision, get_current_context()["run_id"])
+
+    snapshot = build_dataset()
+    validation = validate(snapshot)
+    training = train(snapshot, validation)
+    evaluation = evaluate(training, snapshot)
+    registration = register(training, snapshot, validation, evaluation)
+    decision = govern(evaluation, registration)
+    promote(registration, evaluation, decision)
+
+
+continuous_training()

@@ -1,0 +1,39 @@
+"""Score a registered-model candidate and the current champion on the same test split."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+
+
+def read_manifest(snapshot_uri: str) -> dict[str, Any]:
+    with fsspec.open(f"{snapshot_uri}/manifest.json", "r") as fh:
+        return json.load(fh)
+
+
+def read_split(snapshot_uri: str, split: str):
+    import pandas as pd
+
+    manifest = read_manifest(snapshot_uri)
+    with fsspec.open(f"{snapshot_uri}/{manifest['splits'][split]['file']}", "rb") as fh:
+        return pd.read_parquet(fh), manifest
+
+
+def score_model(model_uri: str, snapshot_uri: str, split: str = "test") -> dict[str, float]:
+    """ROC AUC, PR AUC and row count of ``model_uri`` (loaded via pyfunc) on ``split`` of the snapshot."""
+    import mlflow.pyfunc
+    import numpy as np
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    frame, manifest = read_split(snapshot_uri, split)
+    features = frame[manifest["feature_columns"]].astype("float32")
+    model = mlflow.pyfunc.load_model(model_uri)
+    scores = np.asarray(model.predict(features)).reshape(-1)
+    labels = frame[manifest["label_column"]].to_numpy()
+    return {
+        f"{split}_roc_auc": float(roc_auc_score(labels, scores)),
+        f"{split}_pr_auc": float(average_precision_score(labels, scores)),
+        f"{split}_rows": float(len(frame)),
+    }

@@ -1,0 +1,192 @@
+"""The continuous-training steps, one function per DAG task, runnable without Airflow.
+
+Each step takes the settings and the previous steps' JSON-serializable results (the XComs) and returns
+its own. Each is idempotent for its inputs: the same snapshot, config and DAG give the same run key,
+and a step that finds its output already committed returns it instead of doing the work again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+
+from ctrain import lineage, registry
+from ctrain.errors import CtrainError, GovernanceRejected
+from ctrain.governance import Policy, decide
+from ctrain.launchers import TrainingJob, get_launcher
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ctrain.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_dataset(settings: Settings, start: str | None = None, end: str | None = None) -> dict[str, Any]:
+    """Feast point-in-time join -> immutable, content-addressed snapshot (reused when it exists)."""
+    from ctrain.features import apply_feature_repo, build_snapshot
+
+    apply_feature_repo(settings)
+    info = build_snapshot(settings, start=start, end=end)
+    manifest = info.manifest
+    log.info("dataset %s at %s (%s)", info.dataset_version, info.uri, "new" if info.created else "reused")
+    return {
+        "dataset_version": info.dataset_version,
+        "uri": info.uri,
+        "created": info.created,
+        "feature_service": manifest["feature_service"],
+        "feature_service_hash": manifest["feature_service_hash"],
+        "rows": {split: meta["rows"] for split, meta in manifest["splits"].items()},
+    }
+
+
+def validate(settings: Settings, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Great Expectations gate; raises ``ValidationFailed`` (listing the failed expectations) on bad data."""
+    from ctrain.validation import validate_snapshot
+
+    report_root = f"{settings.resolved_object_root}/reports/{snapshot['dataset_version']}"
+    report = validate_snapshot(snapshot["uri"], report_root)
+    log.info("validation report: %s ; data docs: %s", report.report_uri, report.docs_uri)
+    report.raise_for_failure()
+    return {"success": report.success, "result_id": report.result_id,
+            "report_uri": report.report_uri, "docs_uri": report.docs_uri}
+
+
+def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, Any], dag_id: str,
+          dag_run_id: str, overrides: dict[str, str] | None = None,
+          sink: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Launch the trainer for (dag, dataset, config); a finished run for the same key is reused."""
+    overrides = dict(overrides or {})
+    config_path = Path(settings.trainer_config)
+    if not config_path.is_file():
+        raise CtrainError(f"trainer config {config_path} does not exist; set CTRAIN_TRAINER_CONFIG to a YAML file")
+    fingerprint = lineage.config_fingerprint(config_path.read_bytes(), overrides)
+    key = lineage.run_key(dag_id, snapshot["dataset_version"], fingerprint)
+    root = settings.resolved_object_root
+    output_uri, checkpoint_uri = f"{root}/runs/{key}", f"{root}/checkpoints/{key}"
+
+    client = registry.get_client(settings)
+    run = registry.training_run_for(client, settings, key, tags={
+        "dataset_version": snapshot["dataset_version"],
+        "feature_service": snapshot["feature_service"],
+        "gx_result_id": validation["result_id"],
+        "gx_report_uri": validation["report_uri"],
+        "gx_docs_uri": validation["docs_uri"],
+        "dag_id": dag_id,
+        "dag_run_id": dag_run_id,
+        "git_sha": lineage.git_sha(),
+        "pipeline_config_fingerprint": fingerprint,
+    })
+    result = _read_result(output_uri)
+    if run.status == "FINISHED" and result is not None:
+        log.info("run key %s already trained (MLflow run %s); reusing its result", key, run.run_id)
+        return {**result, "run_key": key, "reused": True}
+
+    job = TrainingJob(
+        config_path=str(config_path),
+        overrides={**overrides, "data.dataset_uri": snapshot["uri"], "checkpoint.uri": checkpoint_uri,
+                   "output.uri": output_uri},
+        env={"MLFLOW_TRACKING_URI": settings.resolved_tracking_uri, "MLFLOW_RUN_ID": run.run_id},
+        nproc_per_node=settings.nproc_per_node,
+    )
+    started = time.monotonic()
+    get_launcher(settings.launcher, settings.training_image).run(job, sink)
+    result = _read_result(output_uri)
+    if result is None:
+        raise CtrainError(f"trainer exited 0 but wrote no {output_uri}/result.json; see the task log above")
+    log.info("training took %.1fs; test_roc_auc=%.4f", time.monotonic() - started,
+             result["metrics"]["test_roc_auc"])
+    return {**result, "run_key": key, "reused": False}
+
+
+def _read_result(output_uri: str) -> dict[str, Any] | None:
+    fs, path = fsspec.core.url_to_fs(f"{output_uri}/result.json")
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as fh:
+        return json.load(fh)
+
+
+def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Score the new model and the champion on the same test split, from their MLflow models."""
+    from ctrain.evaluation import score_model
+
+    challenger = score_model(training["model_uri"], snapshot["uri"])
+    logged = training["metrics"]["test_roc_auc"]
+    if abs(challenger["test_roc_auc"] - logged) > 1e-4:
+        raise CtrainError(
+            f"exported model scores test_roc_auc={challenger['test_roc_auc']:.6f} but training logged "
+            f"{logged:.6f}: the MLflow model does not reproduce the trained weights ({training['model_uri']})"
+        )
+    client = registry.get_client(settings)
+    champion_version = registry.alias_version(client, settings.model_name, registry.CHAMPION)
+    champion = None
+    if champion_version is not None:
+        champion_uri = f"models:/{settings.model_name}/{champion_version}"
+        try:
+            champion = score_model(champion_uri, snapshot["uri"])
+        except Exception as exc:  # noqa: BLE001 - an unscorable champion must not block a good challenger
+            log.warning("champion v%s cannot be scored on this snapshot (%s); governance sees no champion",
+                        champion_version, exc)
+    run_id = training["mlflow_run_id"]
+    client.log_metric(run_id, "eval_test_roc_auc", challenger["test_roc_auc"])
+    if champion is not None:
+        client.log_metric(run_id, "champion_test_roc_auc", champion["test_roc_auc"])
+    return {"challenger": challenger, "champion": champion, "champion_version": champion_version}
+
+
+def register(settings: Settings, training: dict[str, Any], snapshot: dict[str, Any],
+             validation: dict[str, Any], dag_run_id: str) -> dict[str, Any]:
+    """Model version with lineage tags, alias ``challenger``."""
+    lineage_tags = {
+        "dataset_version": snapshot["dataset_version"],
+        "feature_service": snapshot["feature_service"],
+        "feature_service_hash": snapshot["feature_service_hash"],
+        "gx_result_id": validation["result_id"],
+        "git_sha": lineage.git_sha(),
+        "image": settings.training_image if settings.launcher != "local" else "local",
+        "config_hash": training["config_hash"],
+        "seed": str(training["seed"]),
+        "dag_run_id": dag_run_id,
+        "mlflow_run_id": training["mlflow_run_id"],
+        "checkpoint": training["checkpoint"],
+        "run_key": training["run_key"],
+    }
+    client = registry.get_client(settings)
+    version = registry.register_challenger(client, settings, training["mlflow_run_id"], training["model_uri"],
+                                           lineage_tags)
+    return {"model": settings.model_name, "version": version, "alias": registry.CHALLENGER}
+
+
+def govern(settings: Settings, evaluation: dict[str, Any], min_test_roc_auc: float | None = None) -> dict[str, Any]:
+    """Apply the promotion policy; raises ``GovernanceRejected`` so nothing is promoted on a 'no'."""
+    policy = Policy(min_test_roc_auc=settings.min_test_roc_auc if min_test_roc_auc is None else min_test_roc_auc)
+    decision = decide(policy, evaluation["challenger"], evaluation["champion"])
+    for reason in decision.reasons:
+        log.info("governance: %s", reason)
+    result = {"approved": decision.approved, "policy_version": decision.policy_version,
+              "reasons": decision.reasons, "metrics_compared": decision.metrics_compared}
+    if not decision.approved:
+        raise GovernanceRejected("challenger not promoted: " + "; ".join(decision.reasons))
+    return result
+
+
+def promote(settings: Settings, registration: dict[str, Any], evaluation: dict[str, Any],
+            decision: dict[str, Any], dag_run_id: str) -> dict[str, Any]:
+    """Move ``champion`` to the challenger (compare-and-set), keep the old one as ``previous``, audit it."""
+    client = registry.get_client(settings)
+    record = registry.AuditRecord(
+        model=registration["model"], version=registration["version"], action="promote",
+        decided_by=f"policy:{decision['policy_version']}", policy_version=decision["policy_version"],
+        previous_champion=evaluation["champion_version"], metrics_compared=decision["metrics_compared"],
+        reasons=decision["reasons"], dag_run_id=dag_run_id, at=time.time(),
+    )
+    audit_uri = registry.promote(client, settings, registration["version"], evaluation["champion_version"], record)
+    return {"model": registration["model"], "version": registration["version"], "alias": registry.CHAMPION,
+            "previous": evaluation["champion_version"], "audit_uri": audit_uri}

@@ -1,0 +1,155 @@
+"""MLflow side of the pipeline: the training run per run key, model versions, aliases and their audit trail.
+
+One registered model per pipeline (``fraud_detector``) with aliases ``challenger``, ``champion`` and
+``previous``. Every version carries lineage tags; every alias move writes an audit record to
+``{object_root}/audit/{model}/`` and onto the version's tags. All calls are idempotent for their inputs,
+so a retried task never creates a second run or a second version for the same run key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+
+from ctrain.errors import CtrainError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from ctrain.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "ctrain.run_key"
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+
+
+class PromotionConflict(CtrainError):
+    """The champion changed between evaluation and promotion (compare-and-set failed)."""
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    run_id: str
+    status: str  # MLflow run status: RUNNING, FINISHED, FAILED, KILLED
+    created: bool
+
+
+def get_client(settings: Settings) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=settings.resolved_tracking_uri, registry_uri=settings.resolved_tracking_uri)
+
+
+def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(settings.experiment_name, artifact_location=settings.resolved_artifact_root)
+
+
+def training_run_for(client: MlflowClient, settings: Settings, run_key: str, tags: dict[str, str]) -> TrainingRun:
+    """The MLflow run for ``run_key``: the existing one (finished or to resume) or a new one."""
+    experiment_id = ensure_experiment(client, settings)
+    existing = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'", order_by=["attributes.start_time DESC"]
+    )
+    if existing:
+        run = existing[0]
+        log.info("run key %s already has MLflow run %s (%s)", run_key, run.info.run_id, run.info.status)
+        return TrainingRun(run.info.run_id, run.info.status, created=False)
+    run = client.create_run(experiment_id, tags={RUN_KEY_TAG: run_key, **tags}, run_name=f"train-{run_key[:12]}")
+    return TrainingRun(run.info.run_id, run.info.status, created=True)
+
+
+def register_challenger(client: MlflowClient, settings: Settings, run_id: str, model_uri: str,
+                        lineage: dict[str, str]) -> str:
+    """Register the run's model (once) with lineage tags and point ``challenger`` at it; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    name = settings.model_name
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="ctrain fraud detector (card transactions).")
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if versions:
+        version = versions[0].version
+        log.info("run %s is already registered as %s v%s", run_id, name, version)
+    else:
+        mv = client.create_model_version(name, source=model_uri, run_id=run_id,
+                                         tags={k: str(v) for k, v in lineage.items()})
+        version = mv.version
+        _wait_ready(client, name, version)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return str(version)
+
+
+def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get_model_version(name, version).status != "READY":
+        if time.monotonic() > deadline:
+            raise CtrainError(f"model version {name} v{version} not READY after {timeout_s}s")
+        time.sleep(0.2)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    model: str
+    version: str
+    action: str  # "promote" | "reject"
+    decided_by: str  # e.g. "policy:fraud-v1" or "human:alice"
+    policy_version: str
+    previous_champion: str | None
+    metrics_compared: dict[str, Any]
+    reasons: list[str]
+    dag_run_id: str
+    at: float
+
+
+def write_audit(settings: Settings, record: AuditRecord) -> str:
+    """Write one audit record (never overwritten) and return its URI."""
+    uri = (f"{settings.resolved_object_root}/audit/{record.model}/"
+           f"{int(record.at * 1000):015d}-v{record.version}-{record.action}.json")
+    with fsspec.open(uri, "w", auto_mkdir=True) as fh:
+        json.dump(asdict(record), fh, indent=2, sort_keys=True)
+    return uri
+
+
+def promote(client: MlflowClient, settings: Settings, version: str, expected_champion: str | None,
+            record: AuditRecord) -> str:
+    """Move ``champion`` to ``version`` if it still points at ``expected_champion`` (compare-and-set).
+
+    The old champion keeps the ``previous`` alias, so a rollback is one alias move. Returns the audit URI.
+    """
+    name = settings.model_name
+    current = alias_version(client, name, CHAMPION)
+    if current == version:
+        log.info("%s v%s is already champion; nothing to do", name, version)
+        return write_audit(settings, record)
+    if current != expected_champion:
+        raise PromotionConflict(
+            f"champion of {name} moved from v{expected_champion} to v{current} after evaluation; "
+            "re-run evaluate/govern so the challenger is compared with the current champion."
+        )
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    audit_uri = write_audit(settings, record)
+    client.set_model_version_tag(name, version, "promotion_audit", audit_uri)
+    client.set_model_version_tag(name, version, "promoted_by", record.decided_by)
+    return audit_uri

@@ -1,0 +1,99 @@
+"""Process-group setup from the torchrun environment, and the few collectives the loop needs.
+
+torchrun sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``; without them the trainer runs as a single
+process with no process group (so a 1-process run pays nothing for distribution).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    # A separate gloo group for checkpoint collectives: async saves run them in a background
+    # thread, and sharing the training group would interleave them with DDP's all-reduces.
+    checkpoint_group: dist.ProcessGroup | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init(backend: str = "auto", timeout_s: float = 120.0) -> DistContext:
+    """Initialise the process group if torchrun started us; pick the device for this rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world_size == 1:
+        return DistContext(rank=0, local_rank=0, world_size=1, device=device)
+    if backend == "auto":
+        backend = "nccl" if cuda else "gloo"
+    timeout = timedelta(seconds=timeout_s)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if cuda else None)
+    checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
+    return DistContext(
+        rank=rank, local_rank=local_rank, world_size=world_size, device=device, checkpoint_group=checkpoint_group
+    )
+
+
+def shutdown() -> None:
+    """Tear down the process group (safe to call when none exists)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and in a single-process run)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks (identity in a single process)."""
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank: every rank gets the same answer, so none hangs."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_str(value: str | None, device: torch.device) -> str | None:
+    """Send a string from rank 0 to every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=device)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,78 @@
+"""Task types: how model outputs become a loss, predictions and validation metrics.
+
+Binary classification (the fraud model) outputs one logit; multiclass outputs one logit per class;
+regression outputs one value. Losses are sums so the loop can normalise by the global batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    MulticlassAccuracy,
+    MulticlassAUROC,
+)
+from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError
+
+
+@dataclass(frozen=True)
+class Task:
+    """Loss, prediction transform and metrics for one task type."""
+
+    type: str
+    num_classes: int | None = None
+
+    @property
+    def label_dtype(self) -> torch.dtype:
+        return torch.int64 if self.type == "multiclass" else torch.float32
+
+    def loss_sum(self, output: Tensor, target: Tensor) -> Tensor:
+        """Summed loss over the batch (the caller divides by the global batch size)."""
+        if self.type == "binary":
+            return F.binary_cross_entropy_with_logits(output.squeeze(-1), target, reduction="sum")
+        if self.type == "multiclass":
+            return F.cross_entropy(output, target, reduction="sum")
+        return F.mse_loss(output.squeeze(-1), target, reduction="sum")
+
+    def loss_per_sample(self, output: Tensor, target: Tensor) -> Tensor:
+        """Per-sample loss (for evaluation means)."""
+        if self.type == "binary":
+            return F.binary_cross_entropy_with_logits(output.squeeze(-1), target, reduction="none")
+        if self.type == "multiclass":
+            return F.cross_entropy(output, target, reduction="none")
+        return F.mse_loss(output.squeeze(-1), target, reduction="none")
+
+    def predict(self, output: Tensor) -> Tensor:
+        """Model output -> served prediction: probability of class 1, class probabilities, or value."""
+        if self.type == "binary":
+            return torch.sigmoid(output.squeeze(-1))
+        if self.type == "multiclass":
+            return torch.softmax(output, dim=-1)
+        return output.squeeze(-1)
+
+    def metrics(self) -> MetricCollection:
+        """Metrics over predictions (not logits); names without the split prefix."""
+        if self.type == "binary":
+            return MetricCollection(
+                {"roc_auc": BinaryAUROC(), "pr_auc": BinaryAveragePrecision(), "accuracy": BinaryAccuracy()}
+            )
+        if self.type == "multiclass":
+            assert self.num_classes is not None  # guaranteed by TaskConfig validation
+            return MetricCollection(
+                {
+                    "accuracy": MulticlassAccuracy(num_classes=self.num_classes, average="micro"),
+                    "roc_auc": MulticlassAUROC(num_classes=self.num_classes),
+                }
+            )
+        return MetricCollection({"rmse": MeanSquaredError(squared=False), "mae": MeanAbsoluteError()})
+
+    def metric_target(self, target: Tensor) -> Tensor:
+        """Targets as the metrics expect them (integer labels for classification)."""
+        return target.long() if self.type == "binary" else target
