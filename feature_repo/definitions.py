@@ -14,7 +14,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
 from feast.types import Float64, Int64
 
 _HOME = Path(os.environ.get("CTRAIN_HOME") or Path(__file__).resolve().parents[1] / ".ctrain")
@@ -24,8 +24,12 @@ DATA_ROOT = Path(os.environ.get("CTRAIN_DATA_ROOT") or _HOME / "data")
 # Entities
 # ---------------------------------------------------------------------------------------------------
 
-customer = Entity(name="customer", join_keys=["customer_id"], description="A card holder.")
-merchant = Entity(name="merchant", join_keys=["merchant_id"], description="A card acceptor.")
+customer = Entity(
+    name="customer", join_keys=["customer_id"], value_type=ValueType.INT64, description="A card holder."
+)
+merchant = Entity(
+    name="merchant", join_keys=["merchant_id"], value_type=ValueType.INT64, description="A card acceptor."
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Sources: one parquet file per day (date=YYYY-MM-DD/part-0.parquet); each row is an aggregate computed
@@ -34,7 +38,7 @@ merchant = Entity(name="merchant", join_keys=["merchant_id"], description="A car
 
 customer_stats_source = FileSource(
     name="customer_stats_source",
-    path=str(DATA_ROOT / "features" / "customer_stats" / "date=*" / "part-0.parquet"),
+    path=str(DATA_ROOT / "features" / "customer_stats" / "date=*" / "*.parquet"),
     timestamp_field="event_timestamp",
     created_timestamp_column="created_timestamp",
     description="Daily customer aggregates written by the (simulated) aggregation job.",
@@ -42,7 +46,7 @@ customer_stats_source = FileSource(
 
 merchant_stats_source = FileSource(
     name="merchant_stats_source",
-    path=str(DATA_ROOT / "features" / "merchant_stats" / "date=*" / "part-0.parquet"),
+    path=str(DATA_ROOT / "features" / "merchant_stats" / "date=*" / "*.parquet"),
     timestamp_field="event_timestamp",
     created_timestamp_column="created_timestamp",
     description="Daily merchant aggregates written by the (simulated) aggregation job.",

@@ -280,7 +280,7 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write via a temp file + rename so a reader never sees a half-written partition."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".parquet")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

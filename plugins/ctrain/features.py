@@ -1,0 +1,593 @@
+"""Feast -> versioned dataset snapshot.
+
+``build_snapshot`` turns the labelled transactions landed under the data root into an immutable training
+set in object storage::
+
+    {object_root}/datasets/{dataset_version}/train.parquet, val.parquet, test.parquet, manifest.json
+
+1. Entity frame: every labelled transaction in the window (``transactions/date=*/``), checked for the bad
+   inputs listed under :func:`load_transactions`.
+2. Point-in-time join: ``FeatureStore.get_historical_features(entity_df, features=<FeatureService>)``
+   (duckdb offline store); the event's own ``amount`` is a feature column too.
+3. Time-based split: the last ``test_days`` days are test, the ``val_days`` before are validation, the
+   rest is train.
+4. ``dataset_version`` = hash of the content (rows, columns, feature-definition hash, split boundaries), so
+   the same inputs always give the same version. If that version already has a manifest, nothing is
+   written. Otherwise the three parquet files are written and ``manifest.json`` last: a snapshot without a
+   manifest does not exist (readers and re-runs treat it as absent).
+
+Missing features: a label whose entity has no feature row within the view's TTL gets nulls from Feast.
+By default (``missing_features="keep"``) such rows stay in the snapshot with NaN and the GX gate's
+not-null expectations fail the run: in this domain every entity gets a fresh aggregate row daily, so a
+miss means a feature partition is late or broken, which must stop training rather than be papered over.
+``missing_features="drop"`` removes those rows instead; either way the manifest records the count.
+
+Feast runs in-process (``apply_feature_repo``, ``feature_store``); paths come from :mod:`ctrain.settings`
+and are passed to the repo's ``feature_store.yaml`` / ``definitions.py`` as ``CTRAIN_HOME`` and
+``CTRAIN_DATA_ROOT``. Heavy libraries (feast, pandas, pyarrow) are imported inside functions so this module
+is cheap to import from a DAG file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from ctrain import datagen
+from ctrain.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureStore
+    from fsspec import AbstractFileSystem
+
+    from ctrain.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+ID_COLUMN = "transaction_id"
+LABEL_COLUMN = "label"
+TIMESTAMP_COLUMN = "event_timestamp"
+ENTITY_COLUMNS = ["customer_id", "merchant_id"]
+EVENT_FEATURES = ["amount"]  # features taken from the labelled event itself, not from Feast
+MANIFEST = "manifest.json"
+# Columns a transactions partition must have, with the arrow type family each must belong to.
+TRANSACTION_SCHEMA = {
+    "transaction_id": "integer",
+    "customer_id": "integer",
+    "merchant_id": "integer",
+    "event_timestamp": "timestamp",
+    "amount": "floating",
+    "label": "integer",
+}
+
+# Feast objects read os.environ at load time; serialise the env swap so threads cannot interleave it.
+_ENV_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A committed dataset snapshot. ``created`` is False when it already existed (nothing was written)."""
+
+    dataset_version: str
+    uri: str
+    manifest: dict[str, Any]
+    created: bool
+
+
+# --------------------------------------------------------------------------------------------------
+# Object storage
+# --------------------------------------------------------------------------------------------------
+
+
+def open_fs(uri: str, settings: Settings | None = None) -> tuple[AbstractFileSystem, str]:
+    """fsspec filesystem and path for ``uri`` (``file://``, a local path, or ``s3://`` with the endpoint)."""
+    import fsspec
+
+    options: dict[str, Any] = {}
+    if uri.startswith("s3://"):
+        if settings is None:
+            from ctrain.settings import get_settings
+
+            settings = get_settings()
+        if settings.s3_endpoint_url:
+            options["client_kwargs"] = {"endpoint_url": settings.s3_endpoint_url}
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return fs, path
+
+
+def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write one object so that readers see all of it or nothing (rename locally; one PUT on S3)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_manifest(snapshot_uri: str) -> dict[str, Any]:
+    """The manifest of a committed snapshot (DataError if there is none: the snapshot is incomplete)."""
+    fs, path = open_fs(snapshot_uri)
+    mpath = f"{path.rstrip('/')}/{MANIFEST}"
+    if not fs.exists(mpath):
+        raise DataError(
+            f"{snapshot_uri} has no {MANIFEST}: not a committed snapshot (missing or half-written). "
+            "Build it with ctrain.features.build_snapshot."
+        )
+    with fs.open(mpath, "rb") as f:
+        return json.loads(f.read())
+
+
+def load_snapshot(snapshot_uri: str, verify: bool = True) -> tuple[dict[str, Any], dict[str, pd.DataFrame]]:
+    """Manifest and the three split frames of a snapshot; with ``verify`` every file's sha256 is checked."""
+    import pandas as pd
+
+    manifest = read_manifest(snapshot_uri)
+    fs, path = open_fs(snapshot_uri)
+    frames = {}
+    for split, meta in manifest["splits"].items():
+        with fs.open(f"{path.rstrip('/')}/{meta['file']}", "rb") as f:
+            data = f.read()
+        if verify and hashlib.sha256(data).hexdigest() != meta["sha256"]:
+            raise DataError(
+                f"{snapshot_uri}/{meta['file']}: sha256 does not match the manifest; the snapshot was "
+                "modified after it was written. Delete the snapshot directory and rebuild it."
+            )
+        frames[split] = pd.read_parquet(io.BytesIO(data))
+    return manifest, frames
+
+
+# --------------------------------------------------------------------------------------------------
+# Feast
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _feast_env(settings: Settings) -> Iterator[None]:
+    """Expose ctrain's paths to feature_store.yaml and definitions.py, restoring the env afterwards."""
+    values = {"CTRAIN_HOME": str(settings.home), "CTRAIN_DATA_ROOT": str(settings.resolved_data_root)}
+    with _ENV_LOCK:
+        old = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            yield
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+def feature_store(settings: Settings) -> FeatureStore:
+    """A FeatureStore on the repo in ``settings.feature_repo`` with state under ``settings.home``."""
+    from feast import FeatureStore
+
+    repo = Path(settings.feature_repo)
+    if not (repo / "feature_store.yaml").is_file():
+        raise ConfigError(f"CTRAIN_FEATURE_REPO={repo}: no feature_store.yaml there")
+    (Path(settings.home) / "feast").mkdir(parents=True, exist_ok=True)
+    with _feast_env(settings):
+        return FeatureStore(repo_path=str(repo))
+
+
+def _load_repo_contents(repo: Path) -> Any:
+    """Collect the Feast objects declared in the repo's ``*.py`` files.
+
+    Like Feast's own ``parse_repo`` but loads each file fresh under a private module name: Feast's version
+    imports by module path relative to the working directory and then caches the module, so a second apply
+    in the same process (another data root, a test) would silently reuse the first one's paths.
+    """
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+    from feast.on_demand_feature_view import OnDemandFeatureView
+    from feast.repo_contents import RepoContents
+    from feast.stream_feature_view import StreamFeatureView
+
+    found: dict[str, list[Any]] = {k: [] for k in ("sources", "entities", "fvs", "odfvs", "sfvs", "services")}
+
+    def add(kind: str, obj: Any) -> None:
+        if not any(o is obj for o in found[kind]):
+            found[kind].append(obj)
+
+    for path in sorted(repo.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        spec = importlib.util.spec_from_file_location(f"_ctrain_feature_repo.{path.stem}", path)
+        assert spec and spec.loader  # a .py file always has a loader
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for obj in vars(module).values():
+            if isinstance(obj, StreamFeatureView):
+                add("sfvs", obj)
+            elif isinstance(obj, FeatureView):
+                add("fvs", obj)
+                if obj.batch_source is not None:
+                    add("sources", obj.batch_source)
+            elif isinstance(obj, OnDemandFeatureView):
+                add("odfvs", obj)
+            elif isinstance(obj, DataSource):
+                add("sources", obj)
+            elif isinstance(obj, Entity):
+                add("entities", obj)
+            elif isinstance(obj, FeatureService):
+                add("services", obj)
+    return RepoContents(
+        projects=[], data_sources=found["sources"], feature_views=found["fvs"],
+        on_demand_feature_views=found["odfvs"], stream_feature_views=found["sfvs"], label_views=[],
+        entities=found["entities"], feature_services=found["services"], permissions=[],
+    )
+
+
+def apply_feature_repo(settings: Settings) -> None:
+    """``feast apply`` the repo in-process: registry and online-store tables match the declarations.
+
+    Idempotent (unchanged objects are left alone, so materialization intervals survive) and safe to call
+    from every DAG run. Objects removed from the repo are removed from the registry, as with the CLI.
+    """
+    from feast.project import Project
+    from feast.repo_operations import apply_total_with_repo_instance
+
+    repo = Path(settings.feature_repo)
+    with _feast_env(settings):
+        store = feature_store(settings)
+        contents = _load_repo_contents(repo)
+        contents.projects.append(Project(name=store.project))
+        # Source validation only warns (and cannot resolve our date=* globs); data is checked at build time.
+        apply_total_with_repo_instance(
+            store, store.project, store.registry, contents, skip_source_validation=True
+        )
+    log.info("feast apply: project %s, registry under %s", store.project, settings.home)
+
+
+def feature_service_hash(store: FeatureStore, service_name: str) -> tuple[Any, str]:
+    """The FeatureService and a hash of everything that defines its values.
+
+    Covers feature names and types, entities, TTLs and timestamp columns of every view it uses; leaves
+    out registry timestamps and source paths (which differ between machines but not in meaning).
+    """
+    from feast.errors import FeatureServiceNotFoundException
+
+    try:
+        service = store.get_feature_service(service_name)
+    except FeatureServiceNotFoundException as e:
+        raise ConfigError(
+            f"FeatureService {service_name!r} (CTRAIN_FEATURE_SERVICE) is not in the registry: "
+            "run apply_feature_repo first or fix the name"
+        ) from e
+    views = []
+    for proj in service.feature_view_projections:
+        fv = store.get_feature_view(proj.name)
+        src = fv.batch_source
+        views.append({
+            "name": proj.name,
+            "features": [[f.name, str(f.dtype)] for f in proj.features],
+            "entities": sorted(fv.entities),
+            "join_keys": sorted(c.name for c in fv.entity_columns),
+            "ttl_seconds": fv.ttl.total_seconds() if fv.ttl else None,
+            "timestamp_field": src.timestamp_field if src else None,
+            "created_timestamp_column": src.created_timestamp_column if src else None,
+        })
+    canon = json.dumps({"service": service.name, "views": views}, sort_keys=True)
+    return service, hashlib.sha256(canon.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# Entity frame
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_family(t: Any) -> str:
+    import pyarrow.types as pat
+
+    if pat.is_integer(t):
+        return "integer"
+    if pat.is_floating(t):
+        return "floating"
+    if pat.is_timestamp(t):
+        return "timestamp"
+    return str(t)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_transactions(
+    data_root: Path, days: list[date], now: datetime | None = None
+) -> tuple[pd.DataFrame, list[dict[str, Any]], int]:
+    """The labelled events of ``days`` as one frame, plus the partitions read and the duplicates dropped.
+
+    Bad inputs fail with DataError naming the partition and the fix; nothing is written by the caller:
+
+    - an empty partition (0 rows), a missing column, a column of the wrong type, a label outside {0, 1},
+      a null id/key/timestamp/label: the partition is broken;
+    - an event outside its partition's date, or later than ``now``: the clock or the partitioning is wrong;
+    - the same ``transaction_id`` twice with different content: conflicting deliveries.
+
+    Documented handling: rows repeated verbatim (e.g. the same file delivered twice into one date
+    directory) are dropped and counted; the manifest records the count.
+    """
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    now = now or datetime.now(UTC)
+    frames, partitions = [], []
+    for day in days:
+        part_dir = datagen.partition_path(data_root, datagen.TRANSACTIONS, day).parent
+        files = sorted(part_dir.glob("*.parquet"))
+        if not files:
+            raise DataError(f"{part_dir}: no parquet file in the transactions partition for {day}")
+        for path in files:
+            try:
+                table = pq.read_table(path)
+            except (OSError, pa.ArrowInvalid) as e:
+                raise DataError(f"{path}: not a readable parquet file ({e}); re-deliver the partition") from e
+            _check_partition(path, table, day, now)
+            partitions.append({
+                "table": datagen.TRANSACTIONS, "date": day.isoformat(),
+                "path": str(path.relative_to(data_root)), "rows": table.num_rows,
+                "sha256": _sha256_file(path),
+            })
+            frames.append(table.select(list(TRANSACTION_SCHEMA)).to_pandas())
+    df = pd.concat(frames, ignore_index=True)
+    df = df.astype({c: "int64" for c, fam in TRANSACTION_SCHEMA.items() if fam == "integer"})
+    df["amount"] = df["amount"].astype("float64")
+    df[TIMESTAMP_COLUMN] = pd.to_datetime(df[TIMESTAMP_COLUMN], utc=True).astype("datetime64[us, UTC]")
+
+    before = len(df)
+    df = df.drop_duplicates(ignore_index=True)
+    duplicates = before - len(df)
+    clash = df[ID_COLUMN].duplicated(keep=False)
+    if clash.any():
+        ids = df.loc[clash, ID_COLUMN].unique()[:5].tolist()
+        raise DataError(
+            f"transaction_id not unique: {int(clash.sum())} rows share ids with different content "
+            f"(e.g. {ids}); the same event was delivered twice with different values. Remove the wrong copy."
+        )
+    if duplicates:
+        log.warning("dropped %d verbatim duplicate transaction rows", duplicates)
+    return df, partitions, duplicates
+
+
+def _check_partition(path: Path, table: Any, day: date, now: datetime) -> None:
+    import pyarrow.compute as pc
+
+    if table.num_rows == 0:
+        raise DataError(
+            f"{path}: empty partition (0 rows). An empty day means the upstream export failed; "
+            "re-deliver it or delete the partition to exclude the day."
+        )
+    for col, family in TRANSACTION_SCHEMA.items():
+        if col not in table.column_names:
+            raise DataError(f"{path}: missing column {col!r} (has {table.column_names})")
+        got = _type_family(table.schema.field(col).type)
+        if got != family:
+            raise DataError(
+                f"{path}: column {col!r} has type {table.schema.field(col).type}, expected {family}; "
+                "fix the producer's schema"
+            )
+        nulls = table.column(col).null_count
+        if nulls and col != "amount":  # amount nulls are data quality, left to the GX gate
+            raise DataError(f"{path}: column {col!r} has {nulls} null(s); ids, time and label are required")
+    labels = pc.unique(table.column(LABEL_COLUMN)).to_pylist()
+    if not set(labels) <= {0, 1}:
+        raise DataError(f"{path}: label values {sorted(labels)}; expected only 0 and 1")
+    ts = table.column(TIMESTAMP_COLUMN)
+    if ts.type.tz is None:
+        raise DataError(f"{path}: event_timestamp has no time zone; write timestamps in UTC (tz='UTC')")
+    lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
+    if hi > now:
+        raise DataError(
+            f"{path}: event_timestamp {hi.isoformat()} is in the future (now {now.isoformat()}); "
+            "the producer's clock or time zone is wrong"
+        )
+    start = datetime.combine(day, datetime.min.time(), tzinfo=UTC)
+    if lo < start or hi >= start + timedelta(days=1):
+        raise DataError(
+            f"{path}: events from {lo.isoformat()} to {hi.isoformat()} are outside the partition's date "
+            f"{day}; partition by UTC event date"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Snapshot
+# --------------------------------------------------------------------------------------------------
+
+
+def _parse_day(value: date | str | None, name: str) -> date | None:
+    if value is None or isinstance(value, date):
+        return value.date() if isinstance(value, datetime) else value
+    try:
+        return date.fromisoformat(value)
+    except ValueError as e:
+        raise ConfigError(f"{name}={value!r}: expected YYYY-MM-DD") from e
+
+
+def _window(data_root: Path, start: date | None, end: date | None) -> list[date]:
+    available = datagen.list_partitions(data_root, datagen.TRANSACTIONS)
+    if not available:
+        raise DataError(
+            f"no transactions partitions under {data_root / datagen.TRANSACTIONS}; generate data "
+            "(python -m ctrain.datagen --out <data_root>) or set CTRAIN_DATA_ROOT"
+        )
+    start = start or available[0]
+    end = end or available[-1]
+    if end < start:
+        raise ConfigError(f"window start {start} is after end {end}")
+    days = [d for d in available if start <= d <= end]
+    if not days:
+        raise DataError(f"no transactions partitions between {start} and {end} (have {available[0]}..{available[-1]})")
+    return days
+
+
+def _frame_digest(df: pd.DataFrame) -> str:
+    """Hash of a frame's logical content (values, column names, dtypes), stable across library versions."""
+    import pandas as pd
+
+    h = hashlib.sha256()
+    h.update(json.dumps([[c, str(t)] for c, t in df.dtypes.items()]).encode())
+    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def _parquet_bytes(df: pd.DataFrame) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _feature_partitions(data_root: Path, days: list[date], lookback: timedelta) -> list[dict[str, Any]]:
+    """Feature-source partitions that can have fed the window (its days plus the TTL look-back)."""
+    lo = days[0] - timedelta(days=lookback.days + 1)
+    out = []
+    for table in datagen.FEATURE_TABLES:
+        for day in datagen.list_partitions(data_root, table):
+            if lo <= day <= days[-1]:
+                for path in sorted(datagen.partition_path(data_root, table, day).parent.glob("*.parquet")):
+                    out.append({"table": table, "date": day.isoformat(),
+                                "path": str(path.relative_to(data_root)), "sha256": _sha256_file(path)})
+    return out
+
+
+def build_snapshot(
+    settings: Settings,
+    start: date | str | None = None,
+    end: date | str | None = None,
+    val_days: int = 7,
+    test_days: int = 7,
+    missing_features: Literal["keep", "drop"] = "keep",
+) -> SnapshotInfo:
+    """Build (or find) the snapshot of labelled events from ``start`` to ``end`` (inclusive dates).
+
+    Defaults cover every landed partition. Returns the committed snapshot; ``created`` says whether this
+    call wrote it. Raises DataError/ConfigError on bad input, before anything is written.
+    """
+    import numpy as np
+
+    if val_days < 1 or test_days < 1:
+        raise ConfigError(f"val_days={val_days}, test_days={test_days}: each must be >= 1")
+    if missing_features not in ("keep", "drop"):
+        raise ConfigError(f"missing_features={missing_features!r}: expected 'keep' or 'drop'")
+    data_root = Path(settings.resolved_data_root)
+    days = _window(data_root, _parse_day(start, "start"), _parse_day(end, "end"))
+    if len(days) < val_days + test_days + 1:
+        raise ConfigError(
+            f"window {days[0]}..{days[-1]} has {len(days)} day(s); need more than "
+            f"val_days + test_days = {val_days + test_days} to leave a training split"
+        )
+
+    entity_df, tx_partitions, duplicates = load_transactions(data_root, days)
+
+    store = feature_store(settings)
+    with _feast_env(settings):
+        service, fs_hash = feature_service_hash(store, settings.feature_service)
+        ttl = max((store.get_feature_view(p.name).ttl or timedelta(0)) for p in service.feature_view_projections)
+        joined = store.get_historical_features(entity_df=entity_df.copy(), features=service).to_df()
+    if len(joined) != len(entity_df):
+        raise DataError(f"point-in-time join returned {len(joined)} rows for {len(entity_df)} events")
+
+    feast_features = [f.name for p in service.feature_view_projections for f in p.features]
+    feature_columns = EVENT_FEATURES + feast_features
+    columns = [ID_COLUMN, *ENTITY_COLUMNS, TIMESTAMP_COLUMN, *feature_columns, LABEL_COLUMN]
+    df = joined[columns].astype({c: "float64" for c in feature_columns})
+    df[TIMESTAMP_COLUMN] = df[TIMESTAMP_COLUMN].astype("datetime64[us, UTC]")
+    df = df.sort_values([TIMESTAMP_COLUMN, ID_COLUMN], ignore_index=True)
+    missing = df[feature_columns].isna().any(axis=1)
+    n_missing = int(missing.sum())
+    if missing_features == "drop" and n_missing:
+        log.warning("dropping %d rows with missing features (TTL expired or null values)", n_missing)
+        df = df[~missing].reset_index(drop=True)
+
+    # Time-based split by UTC event date.
+    event_day = df[TIMESTAMP_COLUMN].dt.date
+    test_from, val_from = days[-test_days], days[-(test_days + val_days)]
+    parts = {
+        "train": df[event_day < val_from],
+        "val": df[(event_day >= val_from) & (event_day < test_from)],
+        "test": df[event_day >= test_from],
+    }
+    bounds = {"train": (days[0], days[-(test_days + val_days) - 1]),
+              "val": (val_from, days[-test_days - 1]), "test": (test_from, days[-1])}
+
+    version_src = {
+        "feature_service": service.name, "feature_service_hash": fs_hash, "columns": columns,
+        "missing_features": missing_features,
+        "splits": {s: [_frame_digest(parts[s]), str(bounds[s][0]), str(bounds[s][1])] for s in SPLITS},
+    }
+    dataset_version = hashlib.sha256(json.dumps(version_src, sort_keys=True).encode()).hexdigest()[:16]
+    uri = f"{settings.resolved_object_root.rstrip('/')}/datasets/{dataset_version}"
+    fs, base = open_fs(uri, settings)
+    if fs.exists(f"{base}/{MANIFEST}"):
+        log.info("snapshot %s already exists at %s; nothing written", dataset_version, uri)
+        return SnapshotInfo(dataset_version, uri, read_manifest(uri), created=False)
+
+    splits_meta = {}
+    for split in SPLITS:
+        frame = parts[split]
+        data = _parquet_bytes(frame)
+        write_bytes(fs, f"{base}/{split}.parquet", data)
+        splits_meta[split] = {
+            "file": f"{split}.parquet",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "rows": len(frame),
+            "label_rate": float(np.round(frame[LABEL_COLUMN].mean(), 6)) if len(frame) else None,
+            "start": bounds[split][0].isoformat(),
+            "end": bounds[split][1].isoformat(),
+        }
+    import pyarrow as pa
+
+    schema = pa.Table.from_pandas(df.head(0), preserve_index=False).schema
+    manifest = {
+        "dataset_version": dataset_version,
+        "feature_service": service.name,
+        "feature_service_hash": fs_hash,
+        "feature_columns": feature_columns,
+        "label_column": LABEL_COLUMN,
+        "id_column": ID_COLUMN,
+        "timestamp_column": TIMESTAMP_COLUMN,
+        "entity_columns": ENTITY_COLUMNS,
+        "entity_window": {"start": days[0].isoformat(), "end": days[-1].isoformat()},
+        "splits": splits_meta,
+        "rows": len(df),
+        "label_rate": float(np.round(df[LABEL_COLUMN].mean(), 6)),
+        "missing_features": {"handling": missing_features, "rows": n_missing},
+        "duplicates_dropped": duplicates,
+        "source_partitions": {
+            "data_root": str(data_root),
+            "partitions": tx_partitions + _feature_partitions(data_root, days, ttl),
+        },
+        "schema": {f.name: str(f.type) for f in schema},
+        "feast_project": store.project,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    # The manifest is the commit marker: written last, and only after every file it names.
+    write_bytes(fs, f"{base}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+    log.info("snapshot %s written to %s (%d rows)", dataset_version, uri, len(df))
+    return SnapshotInfo(dataset_version, uri, manifest, created=True)

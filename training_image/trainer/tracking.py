@@ -1,0 +1,113 @@
+"""Rank-0 MLflow tracking: one run per training (handed in by ``MLFLOW_RUN_ID`` or created here).
+
+Every method is a no-op on ranks other than 0. Per-step metrics go out asynchronously in batches;
+on resume, steps the run already has are not logged again, so a resumed run has no duplicate points.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunStatus
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from trainer.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+# MLflow caps a param value at 6000 characters and a batch at 100 params.
+_PARAM_MAX = 6000
+_PARAM_BATCH = 100
+
+
+class Tracker:
+    """MLflow logging for rank 0."""
+
+    def __init__(self, cfg: TrackingConfig, enabled: bool) -> None:
+        self.cfg = cfg
+        self.enabled = enabled
+        self.run_id: str | None = None
+        self._client: MlflowClient | None = None
+        self._last_step: dict[str, int] = {}  # metric key -> highest step already in the run
+
+    def start(self, resume_run_id: str | None) -> str | None:
+        """Open the run: ``MLFLOW_RUN_ID``, else the run of the checkpoint we resume, else a new one."""
+        if not self.enabled:
+            return None
+        run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
+        if run_id is None:
+            mlflow.set_experiment(self.cfg.experiment)
+        run = mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else self.cfg.run_name,
+            log_system_metrics=self.cfg.system_metrics,
+        )
+        self.run_id = run.info.run_id
+        self._client = MlflowClient()
+        if run_id is not None:
+            self._last_step = _logged_steps(self._client, self.run_id)
+        return self.run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params (values are stringified and truncated to MLflow's limit)."""
+        if not self.enabled:
+            return
+        items = [(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
+        for start in range(0, len(items), _PARAM_BATCH):
+            mlflow.log_params(dict(items[start : start + _PARAM_BATCH]))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if self.enabled:
+            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_dataset(self, frame: pd.DataFrame, *, source: str, name: str, digest: str, targets: str) -> None:
+        """Record the snapshot as the run's training dataset input (digest = dataset version)."""
+        if not self.enabled:
+            return
+        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest, targets=targets)
+        mlflow.log_input(dataset, context="training")
+
+    def log_metrics(self, metrics: dict[str, float], step: int, *, asynchronous: bool = False) -> None:
+        """Log metrics at ``step``, skipping keys whose step the run already holds (resume)."""
+        if not self.enabled or self._client is None or self.run_id is None:
+            return
+        timestamp = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), timestamp, step)
+            for key, value in metrics.items()
+            if step > self._last_step.get(key, -1)
+        ]
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch, synchronous=not (asynchronous and self.cfg.async_logging))
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        if self.enabled:
+            mlflow.log_figure(figure, artifact_file)
+
+    def log_artifact(self, local_path: str, artifact_path: str) -> None:
+        if self.enabled:
+            mlflow.log_artifact(local_path, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Flush async logging and close the run with ``status`` (FINISHED, FAILED, KILLED)."""
+        if not self.enabled or self.run_id is None:
+            return
+        try:
+            mlflow.flush_async_logging()
+        finally:
+            mlflow.end_run(status=RunStatus.to_string(RunStatus.from_string(status)))
+
+
+def _logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """Highest step per metric key already in the run."""
+    return {
+        key: max(m.step for m in client.get_metric_history(run_id, key))
+        for key in client.get_run(run_id).data.metrics
+    }
