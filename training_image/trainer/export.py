@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import mlflow
 import numpy as np
 import torch
-from mlflow.models import ModelSignature
-from mlflow.types import Schema, TensorSpec
+from mlflow.models import ModelSignature, set_signature
+from mlflow.types import ColSpec, Schema, TensorSpec
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -48,7 +48,7 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
         outputs=Schema([TensorSpec(np.dtype(np.float32), outputs_shape)]),
     )
     metadata = {"feature_columns": feature_columns, "task": task.type}
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         serving,
         name=MODEL_ARTIFACT_PATH,
         serialization_format="pt2",
@@ -57,6 +57,12 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
         metadata=metadata,
         # Pinned explicitly: requirement inference would reload the model in a subprocess.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+    )
+    # pt2 tracing needs a tensor signature; serving wants one over the named feature columns, so
+    # callers can pass a DataFrame (float32 or float64) and columns are matched by name, not position.
+    set_signature(
+        info.model_uri,
+        ModelSignature(inputs=Schema([ColSpec("double", name) for name in feature_columns]), outputs=signature.outputs),
     )
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "model.safetensors"

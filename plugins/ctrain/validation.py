@@ -1,0 +1,269 @@
+"""The Great Expectations gate on a dataset snapshot.
+
+``validate_snapshot(snapshot_uri, report_root)`` runs an expectation suite defined here, in code, on the
+snapshot (GX 1.x, ephemeral context, pandas data source; nothing is read from or written to a
+``gx/`` folder), then writes two reports under ``{report_root}/validations/{dataset_version}/{result_id}/``:
+
+- ``result.json``: the full GX validation results plus a summary (success, failed expectations, stats)
+- ``data_docs/index.html``: GX Data Docs for this run (static HTML, works from a file or a bucket)
+
+The suites (thresholds in :class:`SuiteConfig`):
+
+- ``ctrain_snapshot`` on all rows: exact column list and dtypes (the trainer's contract), no nulls in
+  ids, time, features and label, value ranges per feature, label in {0, 1}, label rate bounds, minimum
+  row count, unique ``transaction_id`` and unique (customer, merchant, event time).
+- ``ctrain_split`` on each of train/val/test: minimum rows and label rate bounds, so a split that came out
+  empty or label-less fails even when the total looks fine.
+
+A failed gate is not an exception here: the caller decides. ``report.raise_for_failure()`` raises
+:class:`ctrain.errors.ValidationFailed` with the failed expectations and the report location.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ctrain.errors import ValidationFailed
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_SUITE = "ctrain_snapshot"
+SPLIT_SUITE = "ctrain_split"
+
+# Plausible ranges per feature; a value outside is a broken upstream job, not a rare customer.
+FEATURE_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "amount": (0.0, 1_000_000.0),
+    "customer_avg_amount_30d": (0.0, 1_000_000.0),
+    "customer_txn_count_7d": (0.0, 100_000.0),
+    "customer_chargeback_rate_90d": (0.0, 1.0),
+    "customer_account_age_days": (0.0, 36_500.0),
+    "merchant_fraud_rate_30d": (0.0, 1.0),
+    "merchant_avg_amount_30d": (0.0, 1_000_000.0),
+    "merchant_txn_count_7d": (0.0, 10_000_000.0),
+}
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """Thresholds of the gate. Defaults suit the example domain (fraud rate ~3 %)."""
+
+    min_rows: int = 1000
+    min_rows_per_split: int = 100
+    min_label_rate: float = 0.005
+    max_label_rate: float = 0.20
+    feature_ranges: dict[str, tuple[float | None, float | None]] = field(
+        default_factory=lambda: dict(FEATURE_RANGES)
+    )
+
+
+@dataclass
+class ValidationReport:
+    """Outcome of one gate run. ``failed`` holds one human-readable line per failed expectation."""
+
+    success: bool
+    dataset_version: str
+    result_id: str
+    failed: list[str]
+    statistics: dict[str, Any]
+    report_uri: str
+    docs_uri: str
+
+    def raise_for_failure(self) -> None:
+        """Raise ValidationFailed (listing the failed expectations and the report) unless successful."""
+        if not self.success:
+            raise ValidationFailed(self.dataset_version, self.failed, self.report_uri)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (for XCom, MLflow tags and logs)."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Suites
+# --------------------------------------------------------------------------------------------------
+
+
+def snapshot_expectations(manifest: dict[str, Any], cfg: SuiteConfig) -> list[Any]:
+    """The ``ctrain_snapshot`` expectations for a snapshot with this manifest and these pandas dtypes."""
+    import great_expectations.expectations as gxe
+
+    features = manifest["feature_columns"]
+    id_col, label, ts = manifest["id_column"], manifest["label_column"], manifest["timestamp_column"]
+    keys = manifest["entity_columns"]
+    columns = [id_col, *keys, ts, *features, label]
+    exps: list[Any] = [
+        gxe.ExpectTableColumnsToMatchOrderedList(column_list=columns),
+        gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows),
+    ]
+    expected_types = {id_col: "int64", label: "int64", **{k: "int64" for k in keys},
+                      **{f: "float64" for f in features}}
+    for col, type_ in expected_types.items():
+        exps.append(gxe.ExpectColumnValuesToBeOfType(column=col, type_=type_))
+    # pandas reports a tz-aware datetime column's type as Timestamp and a naive one as datetime64, so
+    # "Timestamp" is how GX says "timezone-aware" (the builder always writes UTC).
+    exps.append(gxe.ExpectColumnValuesToBeOfType(column=ts, type_="Timestamp"))
+    for col in columns:
+        exps.append(gxe.ExpectColumnValuesToNotBeNull(column=col))
+    for col in features:
+        lo, hi = cfg.feature_ranges.get(col, (None, None))
+        if lo is not None or hi is not None:
+            exps.append(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=lo, max_value=hi))
+    exps += [
+        gxe.ExpectColumnValuesToBeInSet(column=label, value_set=[0, 1]),
+        gxe.ExpectColumnMeanToBeBetween(column=label, min_value=cfg.min_label_rate, max_value=cfg.max_label_rate),
+        gxe.ExpectColumnValuesToBeUnique(column=id_col),
+        gxe.ExpectCompoundColumnsToBeUnique(column_list=[*keys, ts]),
+    ]
+    return exps
+
+
+def split_expectations(manifest: dict[str, Any], cfg: SuiteConfig) -> list[Any]:
+    """The ``ctrain_split`` expectations, run on each split separately."""
+    import great_expectations.expectations as gxe
+
+    return [
+        gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows_per_split),
+        gxe.ExpectColumnMeanToBeBetween(
+            column=manifest["label_column"], min_value=cfg.min_label_rate, max_value=cfg.max_label_rate
+        ),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def _describe(batch: str, er: Any) -> str:
+    """One line per failed expectation: which check, on which column, what was seen."""
+    cfg = er.expectation_config
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")}
+    args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    res = er.result or {}
+    if er.exception_info and er.exception_info.get("raised_exception"):
+        seen = f"error: {er.exception_info.get('exception_message')}"
+    elif "unexpected_count" in res and res.get("element_count") is not None:
+        pct = res.get("unexpected_percent")
+        sample = [c.get("value") for c in (res.get("partial_unexpected_counts") or [])[:3]]
+        seen = f"{res['unexpected_count']} of {res['element_count']} rows unexpected"
+        if pct is not None:
+            seen += f" ({pct:.2f}%)"
+        if sample:
+            seen += f", e.g. {sample}"
+    elif "observed_value" in res:
+        seen = f"observed {res['observed_value']}"
+    else:
+        seen = "failed"
+    return f"[{batch}] {cfg.type}({args}): {seen}"
+
+
+def _gx_context(docs_dir: str) -> Any:
+    # No telemetry from a pipeline task, and no progress bars in task logs.
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    ctx.update_data_docs_site("local_site", {
+        "class_name": "SiteBuilder",
+        "show_how_to_buttons": False,
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": docs_dir},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+    })
+    return ctx
+
+
+def run_suites(
+    manifest: dict[str, Any], frames: dict[str, pd.DataFrame], cfg: SuiteConfig, docs_dir: str
+) -> tuple[Any, list[str], dict[str, Any]]:
+    """Run both suites through one GX Checkpoint (which also builds Data Docs into ``docs_dir``)."""
+    import great_expectations as gx
+    import pandas as pd
+
+    ctx = _gx_context(docs_dir)
+    everything = pd.concat([frames[s] for s in ("train", "val", "test")], ignore_index=True)
+    batches = {"snapshot": everything, **frames}
+    snapshot_suite = ctx.suites.add(gx.ExpectationSuite(
+        name=SNAPSHOT_SUITE,
+        expectations=snapshot_expectations(manifest, cfg),
+    ))
+    split_suite = ctx.suites.add(gx.ExpectationSuite(name=SPLIT_SUITE, expectations=split_expectations(manifest, cfg)))
+    source = ctx.data_sources.add_pandas(f"dataset_{manifest['dataset_version']}")
+    results = {}
+    for name, df in batches.items():
+        batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
+        vd = ctx.validation_definitions.add(gx.ValidationDefinition(
+            name=f"{name}_validation", data=batch_def,
+            suite=snapshot_suite if name == "snapshot" else split_suite,
+        ))
+        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+            name=f"{name}_checkpoint", validation_definitions=[vd],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+            result_format={"result_format": "SUMMARY"},
+        ))
+        # One checkpoint per batch: each batch needs its own dataframe as a runtime parameter.
+        cp_result = checkpoint.run(batch_parameters={"dataframe": df})
+        (vr,) = cp_result.run_results.values()
+        results[name] = vr
+    failed = [_describe(name, er) for name, vr in results.items() for er in vr.results if not er.success]
+    stats: dict[str, Any] = {name: dict(vr.statistics) for name, vr in results.items()}
+    stats["rows"] = len(everything)
+    stats["evaluated_expectations"] = sum(s["evaluated_expectations"] for s in stats.values() if isinstance(s, dict))
+    stats["unsuccessful_expectations"] = len(failed)
+    return results, failed, stats
+
+
+def validate_snapshot(
+    snapshot_uri: str, report_root: str, config: SuiteConfig | None = None
+) -> ValidationReport:
+    """Validate the snapshot at ``snapshot_uri``; write JSON + Data Docs under ``report_root``.
+
+    Returns the report whatever the outcome; call ``raise_for_failure()`` to stop a pipeline on failure.
+    A snapshot whose files do not match its manifest's sha256 raises DataError before any expectation runs.
+    """
+    from ctrain.features import load_snapshot, open_fs, write_bytes
+
+    cfg = config or SuiteConfig()
+    manifest, frames = load_snapshot(snapshot_uri, verify=True)
+    version = manifest["dataset_version"]
+    result_id = f"{version}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
+    out_uri = f"{report_root.rstrip('/')}/validations/{version}/{result_id}"
+
+    with tempfile.TemporaryDirectory(prefix="ctrain-gx-") as docs_dir:
+        results, failed, stats = run_suites(manifest, frames, cfg, docs_dir)
+        success = not failed
+        body = {
+            "result_id": result_id,
+            "dataset_version": version,
+            "snapshot_uri": snapshot_uri,
+            "success": success,
+            "failed": failed,
+            "statistics": stats,
+            "suite_config": asdict(cfg),
+            "results": {name: vr.to_json_dict() for name, vr in results.items()},
+        }
+        fs, base = open_fs(out_uri)
+        # Data Docs first, result.json last: a result.json means the whole report is there.
+        for path in sorted(Path(docs_dir).rglob("*")):
+            if path.is_file():
+                write_bytes(fs, f"{base}/data_docs/{path.relative_to(docs_dir).as_posix()}", path.read_bytes())
+        write_bytes(fs, f"{base}/result.json", json.dumps(body, indent=2, default=str).encode())
+
+    report = ValidationReport(
+        success=success, dataset_version=version, result_id=result_id, failed=failed, statistics=stats,
+        report_uri=f"{out_uri}/result.json", docs_uri=f"{out_uri}/data_docs/index.html",
+    )
+    log.info("GX gate on %s: %s (%d failed); report %s; docs %s", version,
+             "passed" if success else "FAILED", len(failed), report.report_uri, report.docs_uri)
+    return report
