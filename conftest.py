@@ -1,26 +1,16 @@
-"""Fixtures shared by every test tier: an isolated ctrain home with Airflow pointed at it."""
+"""Fixtures shared by every test tier."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
 
-
-def make_env(home: Path) -> dict[str, str]:
-    """The process environment for a ctrain home: CTRAIN_* plus Airflow on SQLite under ``home``."""
-    from ctrain.localenv import airflow_env
-    from ctrain.settings import Settings
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CTRAIN_", "AIRFLOW", "MLFLOW_"))}
-    env.update(airflow_env(Settings(home=home)))
-    env["CTRAIN_HOME"] = str(home)
-    return env
+from support import make_env  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -32,8 +22,3 @@ def airflow_env(tmp_path_factory) -> dict[str, str]:
     yield env
     os.environ.clear()
     os.environ.update(saved)
-
-
-def airflow_cli(args: list[str], env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
-    airflow = str(Path(sys.executable).with_name("airflow"))
-    return subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=timeout)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import dag, task
+
 from assets import TRANSACTIONS
 
 

@@ -38,7 +38,6 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -48,6 +47,8 @@ from ctrain import datagen
 from ctrain.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import pandas as pd
     from feast import FeatureStore
     from fsspec import AbstractFileSystem

@@ -151,32 +151,46 @@ class CheckpointManager:
         return sorted(steps)
 
     # ---- save --------------------------------------------------------------------------------
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> str:
-        """Write checkpoint ``step``; returns its URI. With async_save, only the state copy blocks."""
+    def save(
+        self,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        best_step: int | None,
+    ) -> str:
+        """Write checkpoint ``step`` (``state`` = JSON-able trainer state); returns its URI.
+
+        With async_save only the copy of the tensors blocks; the manifest is written by a commit
+        thread once every rank's files are on storage, and only then are old checkpoints pruned.
+        """
         self.wait()
         path = self._step_path(step)
-        if self.ctx.is_main:
-            # A directory at this step can only be a leftover of an abandoned attempt: start clean.
-            if self.fs.exists(path):
-                self.fs.rm(path, recursive=True)
-            self.fs.makedirs(path, exist_ok=True)
-            self.fs.pipe_file(f"{path}/{TRAINER_STATE}", json.dumps(state, indent=1).encode())
-        distributed.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         tensors = {"model": model_sd, "optim": _tensor_leaves(optim_sd["state"]), "rng": _rng_state(self.ctx.rank)}
+        try:
+            if self.ctx.is_main:
+                # A directory at this step can only be a leftover of an abandoned attempt: start clean.
+                if self.fs.exists(path):
+                    self.fs.rm(path, recursive=True)
+                self.fs.makedirs(path, exist_ok=True)
+                state = {**state, "optimizer_param_groups": optim_sd["param_groups"]}
+                self.fs.pipe_file(f"{path}/{TRAINER_STATE}", json.dumps(state, indent=1).encode())
+        except OSError as exc:
+            raise _storage_error(self.step_uri(step), exc) from exc
+        distributed.barrier()
         writer = FsspecWriter(self.step_uri(step), sync_files=False, **storage_options(self.uri))
-        group = self.ctx.checkpoint_group
+        group, no_dist = self.ctx.checkpoint_group, not self.ctx.is_distributed
         try:
             if self.async_save:
-                response = dcp.async_save(tensors, storage_writer=writer, process_group=group)
+                response = dcp.async_save(tensors, storage_writer=writer, process_group=group, no_dist=no_dist)
                 upload: Future[Any] = getattr(response, "upload_completion", response)
             else:
-                dcp.save(tensors, storage_writer=writer, process_group=group)
+                dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=no_dist)
                 upload = Future()
                 upload.set_result(None)
         except OSError as exc:
             raise _storage_error(self.step_uri(step), exc) from exc
-        best_step = state.get("best_step")
         self._pending = self._committer.submit(self._commit, step, upload, best_step)
         self.last_saved_step = step
         if not self.async_save:
@@ -335,7 +349,13 @@ class CheckpointManager:
         reader = _SafeReader(self.step_uri(step), **storage_options(self.uri))
         planner = DefaultLoadPlanner(allow_partial_load=True)
         try:
-            dcp.load(tensors, storage_reader=reader, planner=planner, process_group=self.ctx.checkpoint_group)
+            dcp.load(
+                tensors,
+                storage_reader=reader,
+                planner=planner,
+                process_group=self.ctx.checkpoint_group,
+                no_dist=not self.ctx.is_distributed,
+            )
         except OSError as exc:
             raise _storage_error(self.step_uri(step), exc) from exc
         except pickle.UnpicklingError as exc:

@@ -1,0 +1,164 @@
+"""End to end: the continuous_training DAG under `airflow dags test` on real Airflow, Feast, GX, torchrun
+(2 processes, gloo) and MLflow, each in an isolated ctrain home."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import TYPE_CHECKING
+
+import fsspec
+import pytest
+
+from ctrain import datagen
+from support import airflow_cli, make_env
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.slow
+
+DAYS, START, ROWS_PER_DAY = 40, "2026-01-01", 1500
+
+
+def _prepare(home: Path) -> dict[str, str]:
+    env = make_env(home)
+    datagen.generate(home / "data", days=DAYS, start=START, rows_per_day=ROWS_PER_DAY, seed=0)
+    migrated = airflow_cli(["db", "migrate"], env)
+    assert migrated.returncode == 0, migrated.stdout[-3000:] + migrated.stderr[-3000:]
+    return env
+
+
+def _run_dag(env: dict[str, str]):
+    return airflow_cli(["dags", "test", "continuous_training"], env, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One full DAG run, then a second identical trigger (which must reuse everything)."""
+    home = tmp_path_factory.mktemp("e2e")
+    env = _prepare(home)
+    first = _run_dag(env)
+    (home / "first-run.log").write_text(first.stdout + first.stderr)
+    assert first.returncode == 0, f"DAG run failed; log in {home}/first-run.log\n" + first.stdout[-6000:]
+    second = _run_dag(env)
+    (home / "second-run.log").write_text(second.stdout + second.stderr)
+    assert second.returncode == 0, f"second DAG run failed; log in {home}/second-run.log\n" + second.stdout[-6000:]
+    from ctrain.settings import Settings
+
+    return Settings(home=home), first.stdout + first.stderr, second.stdout + second.stderr
+
+
+def _client(settings):
+    from ctrain.registry import get_client
+
+    return get_client(settings)
+
+
+def _champion(settings):
+    return _client(settings).get_model_version_by_alias(settings.model_name, "champion")
+
+
+def test_snapshot_manifest_matches_the_parquet_files(trained):
+    settings, *_ = trained
+    dataset_version = _champion(settings).tags["dataset_version"]
+    root = f"{settings.resolved_object_root}/datasets/{dataset_version}"
+    with fsspec.open(f"{root}/manifest.json") as fh:
+        manifest = json.load(fh)
+    assert manifest["dataset_version"] == dataset_version
+    assert manifest["feature_service"] == "fraud_model_v1"
+    for split in ("train", "val", "test"):
+        meta = manifest["splits"][split]
+        with fsspec.open(f"{root}/{meta['file']}", "rb") as fh:
+            assert hashlib.sha256(fh.read()).hexdigest() == meta["sha256"], split
+        assert meta["rows"] > 0
+    # Time-based split: train ends before val starts, val before test.
+    assert manifest["splits"]["train"]["end"] <= manifest["splits"]["val"]["start"]
+    assert manifest["splits"]["val"]["end"] <= manifest["splits"]["test"]["start"]
+
+
+def test_validation_result_is_a_success(trained):
+    settings, *_ = trained
+    run = _client(settings).get_run(_champion(settings).run_id)
+    with fsspec.open(run.data.tags["gx_report_uri"]) as fh:
+        report = json.load(fh)
+    assert report["success"] is True
+    assert fsspec.core.url_to_fs(run.data.tags["gx_docs_uri"])[0].exists(
+        fsspec.core.url_to_fs(run.data.tags["gx_docs_uri"])[1])
+
+
+def test_one_mlflow_run_with_per_epoch_metrics(trained):
+    settings, *_ = trained
+    client = _client(settings)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, "two DAG runs on the same data and config must share one training run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "val_roc_auc")
+    epochs = [m.step for m in history]
+    assert len(epochs) >= 2 and epochs == sorted(set(epochs)), f"val_roc_auc per epoch, no duplicates: {epochs}"
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= len(epochs)
+
+
+def test_champion_registered_once_with_lineage(trained):
+    settings, *_ = trained
+    client = _client(settings)
+    versions = client.search_model_versions(f"name = '{settings.model_name}'")
+    assert len(versions) == 1, "the second trigger must not register a second version"
+    mv = _champion(settings)
+    assert {"champion", "challenger"} <= set(mv.aliases)
+    for tag in ("dataset_version", "feature_service", "gx_result_id", "git_sha", "config_hash", "seed",
+                "dag_run_id", "mlflow_run_id", "checkpoint"):
+        assert mv.tags.get(tag), f"lineage tag {tag} missing"
+    assert mv.tags["mlflow_run_id"] == mv.run_id
+    # The checkpoint the model came from is committed (manifest present).
+    fs, path = fsspec.core.url_to_fs(mv.tags["checkpoint"])
+    assert fs.exists(f"{path}/manifest.json")
+
+
+def test_champion_reproduces_logged_test_auc(trained):
+    import mlflow.pyfunc
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    settings, *_ = trained
+    mv = _champion(settings)
+    logged = _client(settings).get_run(mv.run_id).data.metrics["test_roc_auc"]
+    root = f"{settings.resolved_object_root}/datasets/{mv.tags['dataset_version']}"
+    with fsspec.open(f"{root}/manifest.json") as fh:
+        manifest = json.load(fh)
+    with fsspec.open(f"{root}/{manifest['splits']['test']['file']}", "rb") as fh:
+        test = pd.read_parquet(fh)
+    model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")
+    scores = np.asarray(model.predict(test[manifest["feature_columns"]].astype("float32"))).reshape(-1)
+    assert roc_auc_score(test["label"], scores) == pytest.approx(logged, abs=1e-6)
+    assert logged > 0.80
+
+
+def test_second_trigger_reused_the_training(trained):
+    *_, second_log = trained
+    assert "already trained" in second_log
+    assert "launching:" not in second_log
+
+
+def test_bad_data_fails_validation_and_nothing_is_trained(tmp_path):
+    env = _prepare(tmp_path)
+    from ctrain.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    day = datagen.list_partitions(settings.resolved_data_root, datagen.CUSTOMER_STATS)[DAYS // 2]
+    datagen.inject_nulls(settings.resolved_data_root, datagen.CUSTOMER_STATS, day, fraction=0.3)
+
+    result = _run_dag(env)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "failed" in log and "expect_column_values_to_not_be_null" in log
+    assert "launching:" not in log
+    client = _client(settings)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
+    assert client.search_registered_models() == []
+    fs, path = fsspec.core.url_to_fs(f"{settings.resolved_object_root}/checkpoints")
+    assert not fs.exists(path)
