@@ -310,18 +310,21 @@ def _day_tables(p: GenParams, w: _World, d: date) -> dict[str, pa.Table]:
 def _write_day(out: Path, p: GenParams, w: _World, d: date, overwrite: bool) -> list[Path]:
     """Write one day's three partitions. Same bytes already there = no-op; different bytes = DataError."""
     encoded = {t: _parquet_bytes(tab) for t, tab in _day_tables(p, w, d).items()}
-    written: list[Path] = []
+    todo: list[tuple[Path, bytes]] = []
     for table, data in encoded.items():
         path = partition_path(out, table, d)
+        if path.exists() and path.read_bytes() == data:
+            continue
         if path.exists() and not overwrite:
-            if path.read_bytes() == data:
-                continue
+            # Checked for all three tables before writing any, so a refused day leaves nothing changed.
             raise DataError(
                 f"partition {path} already exists with different content; a delivered partition is "
                 "immutable. Pass overwrite=True (CLI: --overwrite) to replace it deliberately."
             )
+        todo.append((path, data))
+    for path, data in todo:
         _atomic_write(path, data)
-        written.append(path)
+    written = [path for path, _ in todo]
     return written
 
 

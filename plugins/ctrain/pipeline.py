@@ -50,7 +50,7 @@ def validate(settings: Settings, snapshot: dict[str, Any]) -> dict[str, Any]:
     """Great Expectations gate; raises ``ValidationFailed`` (listing the failed expectations) on bad data."""
     from ctrain.validation import validate_snapshot
 
-    report_root = f"{settings.resolved_object_root}/reports/{snapshot['dataset_version']}"
+    report_root = f"{settings.resolved_object_root}/reports"
     report = validate_snapshot(snapshot["uri"], report_root)
     log.info("validation report: %s ; data docs: %s", report.report_uri, report.docs_uri)
     report.raise_for_failure()

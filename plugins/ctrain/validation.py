@@ -155,6 +155,7 @@ def _describe(batch: str, er: Any) -> str:
     elif "unexpected_count" in res and res.get("element_count") is not None:
         pct = res.get("unexpected_percent")
         sample = [c.get("value") for c in (res.get("partial_unexpected_counts") or [])[:3]]
+        sample = [v for v in sample if v is not None and v == v]  # NaN != NaN: nulls say nothing
         seen = f"{res['unexpected_count']} of {res['element_count']} rows unexpected"
         if pct is not None:
             seen += f" ({pct:.2f}%)"

@@ -1,0 +1,53 @@
+"""Shared pytest fixtures. Names say which part of the pipeline they serve (``dp_`` = data plane)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from ctrain.settings import Settings
+
+# A tiny world: 6 days x 300 labelled events, enough for a 4/1/1-day split and a meaningful GX run.
+DP_DAYS = 6
+DP_START = "2026-01-01"
+DP_ROWS_PER_DAY = 300
+
+
+def dp_settings_for(home: Path) -> Settings:
+    """Settings with every data-plane path under ``home`` (explicit values, so env vars cannot leak in)."""
+    from ctrain.settings import Settings
+
+    return Settings(home=home, data_root=str(home / "data"), object_root=f"file://{home / 'objects'}")
+
+
+@pytest.fixture
+def dp_settings(tmp_path: Path) -> Settings:
+    """Empty ctrain home for one test: no data, no registry."""
+    return dp_settings_for(tmp_path / "home")
+
+
+@pytest.fixture
+def dp_generated(dp_settings: Settings) -> Settings:
+    """A ctrain home with the tiny world generated and the feature repo applied (function scope: mutable)."""
+    from ctrain import datagen, features
+
+    datagen.generate(dp_settings.resolved_data_root, days=DP_DAYS, start=DP_START, seed=0,
+                     rows_per_day=DP_ROWS_PER_DAY, n_customers=300, n_merchants=40)
+    features.apply_feature_repo(dp_settings)
+    return dp_settings
+
+
+@pytest.fixture(scope="session")
+def dp_snapshot(tmp_path_factory: pytest.TempPathFactory):
+    """(settings, SnapshotInfo) of the tiny world, built once per session. Read-only: do not mutate."""
+    from ctrain import datagen, features
+
+    settings = dp_settings_for(tmp_path_factory.mktemp("dp_snapshot") / "home")
+    datagen.generate(settings.resolved_data_root, days=DP_DAYS, start=DP_START, seed=0,
+                     rows_per_day=DP_ROWS_PER_DAY, n_customers=300, n_merchants=40)
+    features.apply_feature_repo(settings)
+    return settings, features.build_snapshot(settings, val_days=1, test_days=1)

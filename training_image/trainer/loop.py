@@ -1,0 +1,492 @@
+"""The training loop: resume, then per epoch train + validate + checkpoint, then test and export.
+
+Read :meth:`Trainer.fit` top to bottom; every side effect (logging, checkpointing, stopping) is an
+explicit call there or in the step/eval methods right below it. Decisions that end the run are the
+same on every rank: early stopping uses all-reduced metrics, the non-finite check uses the gradient
+norm computed after DDP's all-reduce, and the wall-clock guardrail is agreed by a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import MeanMetric
+
+from trainer import distributed
+from trainer.checkpoint import CheckpointManager
+from trainer.data import ResumableSampler, Snapshot, Split, feature_stats, load_snapshot, shard
+from trainer.errors import DivergenceError
+from trainer.model import ModelSpec, build_model
+from trainer.progress import Progress
+from trainer.tasks import Task
+from trainer.tracking import Tracker
+
+if TYPE_CHECKING:
+    from trainer.config import SchedulerConfig, TrainerConfig
+    from trainer.distributed import DistContext
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 8192
+
+
+@dataclass
+class Monitor:
+    """Tracks the best value of a metric and how many evaluations passed without improving it."""
+
+    mode: str = "min"
+    min_delta: float = 0.0
+    best: float | None = None
+    bad_evals: int = 0
+
+    def update(self, value: float) -> bool:
+        """Record ``value``; True if it improves on the best by more than ``min_delta``."""
+        improved = (
+            self.best is None
+            or (self.mode == "min" and value < self.best - self.min_delta)
+            or (self.mode == "max" and value > self.best + self.min_delta)
+        )
+        if improved:
+            self.best, self.bad_evals = value, 0
+        else:
+            self.bad_evals += 1
+        return improved
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs to continue exactly where a checkpoint left it (JSON-able)."""
+
+    epoch: int = 0  # index of the epoch in progress (epochs are reported 1-based)
+    step_in_epoch: int = 0  # optimizer steps already done in `epoch`
+    global_step: int = 0
+    best_epoch: int | None = None
+    best_step: int | None = None  # checkpoint step holding the best weights
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    early_stop: Monitor = field(default_factory=Monitor)
+    loss_plateau: Monitor = field(default_factory=Monitor)
+    plateau_warned: bool = False
+    epoch_loss_sum: float = 0.0  # global train-loss sum/count of the epoch so far (at the last checkpoint)
+    epoch_loss_count: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    mlflow_run_id: str | None = None
+    stopped_reason: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoopState:
+        data = dict(data)
+        data["early_stop"] = Monitor(**data["early_stop"])
+        data["loss_plateau"] = Monitor(**data["loss_plateau"])
+        return cls(**data)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed python, numpy and torch; optionally force deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+class Trainer:
+    """Builds the run from the config and trains it; :meth:`fit` returns the ``result.json`` dict."""
+
+    def __init__(self, cfg: TrainerConfig, ctx: DistContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.config_hash = cfg.config_hash()
+        self.started = time.monotonic()
+        seed_everything(cfg.seed, cfg.train.deterministic)
+        self.snapshot: Snapshot = load_snapshot(cfg.data.dataset_uri, cfg.task.type, cfg.data.verify_checksums)
+        self.task = Task(cfg.task.type, cfg.task.num_classes)
+        mean, std = feature_stats(self.snapshot.train)
+        spec = ModelSpec(
+            num_features=len(self.snapshot.feature_columns),
+            num_outputs=cfg.task.num_outputs,
+            feature_names=tuple(self.snapshot.feature_columns),
+            feature_mean=mean,
+            feature_std=std,
+        )
+        # Same seed on every rank for identical initial weights; then one dropout stream per rank.
+        self.model = build_model(cfg.model.factory, spec, cfg.model.kwargs).to(ctx.device)
+        torch.manual_seed(cfg.seed + 1 + ctx.rank)
+        self.ddp: nn.Module = (
+            DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            if ctx.is_distributed
+            else self.model
+        )
+        self.optimizer = _build_optimizer(cfg, self.model)
+        self.sampler = ResumableSampler(
+            num_samples=len(self.snapshot.train),
+            batch_size=cfg.train.batch_size,
+            accum=cfg.train.grad_accum_steps,
+            world_size=ctx.world_size,
+            rank=ctx.rank,
+            seed=cfg.seed,
+        )
+        self.total_steps = cfg.train.epochs * self.sampler.steps_per_epoch
+        self.scheduler = _build_scheduler(cfg.scheduler, self.optimizer, self.total_steps, cfg.early_stopping.mode)
+        self.checkpoints = CheckpointManager(
+            cfg.checkpoint.uri,
+            ctx,
+            config_hash=self.config_hash,
+            dataset_version=self.snapshot.dataset_version,
+            keep_last=cfg.checkpoint.keep_last,
+            keep_best=cfg.checkpoint.keep_best,
+            async_save=cfg.checkpoint.async_save,
+            allow_mismatch=cfg.checkpoint.allow_mismatch,
+        )
+        self.tracker = Tracker(cfg.tracking, enabled=ctx.is_main)
+        self.state = LoopState(
+            early_stop=Monitor(mode=cfg.early_stopping.mode, min_delta=cfg.early_stopping.min_delta),
+            loss_plateau=Monitor(mode="min"),
+        )
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if ctx.device.type == "cuda" and cfg.train.bf16_autocast
+            else nullcontext()
+        )
+        self.progress = Progress(enabled=ctx.is_main, interactive=sys.stderr.isatty())
+        self.interval = _Interval()
+        self._resumed_from: int | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Resume, train until done or stopped, then evaluate the best weights on test and export."""
+        self._resume()
+        self._start_tracking()
+        while self.state.stopped_reason is None:
+            if self.state.epoch >= self.cfg.train.epochs:
+                self.state.stopped_reason = "completed"
+                break
+            self._train_epoch()
+        self.checkpoints.wait()
+        return self._finish()
+
+    def _resume(self) -> None:
+        step = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
+        if step is not None:
+            saved = self.checkpoints.load(step, self.model, self.optimizer)
+            self.state = LoopState.from_json(saved["loop"])
+            if self.scheduler is not None and saved.get("scheduler") is not None:
+                self.scheduler.load_state_dict(saved["scheduler"])
+            self._resumed_from = step
+            log.info("resumed from %s (epoch %d, step %d)", self.checkpoints.step_uri(step), self.state.epoch + 1, step)
+        # Anything newer than the resume point is an orphan or corrupt, and would be rewritten anyway.
+        self.checkpoints.discard_after(step)
+
+    def _start_tracking(self) -> None:
+        self.state.mlflow_run_id = self.tracker.start(self.state.mlflow_run_id)
+        snap = self.snapshot
+        self.tracker.log_params({**self.cfg.flat(), "config_hash": self.config_hash, "world_size": self.ctx.world_size})
+        tags = {
+            "dataset_version": snap.dataset_version,
+            "feature_service": snap.manifest.get("feature_service", ""),
+            "config_hash": self.config_hash,
+            "checkpoint_uri": self.cfg.checkpoint.uri,
+        }
+        if self._resumed_from is not None:
+            tags["resumed_from"] = self.checkpoints.step_uri(self._resumed_from)
+        if self.checkpoints.events:
+            tags["checkpoint_events"] = " | ".join(self.checkpoints.events)
+        self.tracker.set_tags(tags)
+        if self.ctx.is_main and self._resumed_from is None:
+            frame = _split_frame(snap.train, snap.feature_columns, snap.manifest["label_column"])
+            self.tracker.log_dataset(
+                frame,
+                source=snap.uri,
+                name=f"{snap.manifest.get('feature_service', 'dataset')}@{snap.dataset_version[:12]}",
+                digest=snap.dataset_version,
+                targets=snap.manifest["label_column"],
+            )
+
+    # ------------------------------------------------------------------------------------------
+    def _train_epoch(self) -> None:
+        cfg, state = self.cfg.train, self.state
+        self.ddp.train()
+        epoch_loss = torch.zeros(2, dtype=torch.float64)  # this rank's loss sum and sample count
+        stop: str | None = None
+        self.progress.start_epoch(state.epoch + 1, cfg.epochs, self.sampler.steps_per_epoch, state.step_in_epoch)
+        for step in self.sampler.steps(state.epoch, state.step_in_epoch):
+            epoch_loss += self._optimizer_step(step.micro_batches, step.global_size)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            log_due = state.global_step % cfg.log_every_steps == 0
+            if log_due:
+                self._log_interval()
+            stop = self._guardrail(check_clock=log_due)
+            if state.step_in_epoch == self.sampler.steps_per_epoch:
+                break  # the epoch-end evaluation below handles `stop` too
+            if stop or (cfg.eval_every_steps and state.global_step % cfg.eval_every_steps == 0):
+                self._evaluate_and_checkpoint(epoch_loss, end_of_epoch=False, stop=stop)
+                epoch_loss.zero_()
+            elif self.cfg.checkpoint.every_steps and state.global_step % self.cfg.checkpoint.every_steps == 0:
+                self._checkpoint(epoch_loss)
+                epoch_loss.zero_()
+            if state.stopped_reason:
+                return
+        self._evaluate_and_checkpoint(epoch_loss, end_of_epoch=True, stop=stop)
+
+    def _optimizer_step(self, micro_batches: list[torch.Tensor], global_size: int) -> torch.Tensor:
+        """Forward/backward over the micro-batches, agree on finiteness, clip, step.
+
+        Returns ``[loss sum, samples]`` of this rank (float64)."""
+        t0 = time.perf_counter()
+        train, device = self.snapshot.train, self.ctx.device
+        # Each rank's loss is a sum scaled so that DDP's gradient average equals the mean over the
+        # global batch, however the samples are spread over ranks and micro-batches.
+        scale = self.ctx.world_size / global_size
+        loss_total = torch.zeros((), dtype=torch.float64)
+        data_wait = 0.0
+        for i, idx in enumerate(micro_batches):
+            td = time.perf_counter()
+            x = train.features[idx].to(device, non_blocking=True)
+            y = train.labels[idx].to(device, non_blocking=True)
+            data_wait += time.perf_counter() - td
+            last = i == len(micro_batches) - 1
+            sync = nullcontext() if last or not self.ctx.is_distributed else self.ddp.no_sync()  # type: ignore[operator]
+            with sync:
+                with self.autocast:
+                    loss = self.task.loss_sum(self.ddp(x).float(), y)
+                loss = self._maybe_inject_fault(loss)
+                (loss * scale).backward()
+            loss_total += loss.detach().double().cpu()
+        # The gradients are all-reduced by now and identical on every rank, so this norm (and the
+        # decision below) is too: no extra collective is needed to agree before optimizer.step().
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.train.grad_clip_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        grad_norm_value = float(grad_norm)
+        if not math.isfinite(grad_norm_value):
+            raise DivergenceError(
+                f"non-finite gradient norm ({grad_norm_value}) at optimizer step {self.state.global_step + 1} "
+                f"(epoch {self.state.epoch + 1}); the run stops without checkpointing this state. "
+                "Lower optimizer.lr, enable train.grad_clip_norm, or check the data for extreme values."
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None and self.cfg.scheduler.name == "warmup_cosine":
+            self.scheduler.step()
+        samples = sum(int(idx.numel()) for idx in micro_batches)
+        if self.cfg.faults.step_delay_s:
+            time.sleep(self.cfg.faults.step_delay_s)
+        self.interval.add(float(loss_total), samples, grad_norm_value, time.perf_counter() - t0, data_wait)
+        self.progress.advance(float(loss_total) / max(samples, 1))
+        return torch.tensor([float(loss_total), samples], dtype=torch.float64)
+
+    def _maybe_inject_fault(self, loss: torch.Tensor) -> torch.Tensor:
+        faults = self.cfg.faults
+        if faults.nonfinite_loss_step == self.state.global_step + 1 and faults.nonfinite_loss_rank == self.ctx.rank:
+            return loss * float("nan")
+        return loss
+
+    def _guardrail(self, check_clock: bool) -> str | None:
+        """Stop reason if max_steps or max_wall_clock_s is reached (the clock check is agreed by all ranks)."""
+        cfg = self.cfg.train
+        if cfg.max_steps is not None and self.state.global_step >= cfg.max_steps:
+            return "max_steps"
+        if cfg.max_wall_clock_s is not None and check_clock:
+            over = time.monotonic() - self.started >= cfg.max_wall_clock_s
+            if distributed.any_rank(over, self.ctx.device):
+                return "max_wall_clock"
+        return None
+
+    def _log_interval(self) -> None:
+        interval, self.interval = self.interval, _Interval()
+        totals = distributed.all_reduce_sum(torch.tensor([interval.loss_sum, interval.samples], dtype=torch.float64))
+        if self.ctx.is_main and interval.steps:
+            seconds = interval.step_time
+            metrics = {
+                "train_step_loss": float(totals[0] / max(totals[1], 1)),
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": interval.grad_norm_sum / interval.steps,
+                "samples_per_s": float(totals[1]) / seconds if seconds > 0 else 0.0,
+                "step_time_ms": 1000 * seconds / interval.steps,
+                "data_wait_ms": 1000 * interval.data_wait / interval.steps,
+            }
+            self.tracker.log_metrics(metrics, step=self.state.global_step, asynchronous=True)
+            self.progress.log_line(self.state.epoch + 1, self.state.global_step, metrics)
+
+    # ------------------------------------------------------------------------------------------
+    def _evaluate_and_checkpoint(self, epoch_loss: torch.Tensor, *, end_of_epoch: bool, stop: str | None) -> None:
+        """Validate, update best/early-stopping/plateau state, log, checkpoint, decide to stop."""
+        state, es = self.state, self.cfg.early_stopping
+        metrics = self.evaluate(self.snapshot.val, "val")
+        totals = distributed.all_reduce_sum(epoch_loss.clone())
+        state.epoch_loss_sum += float(totals[0])
+        state.epoch_loss_count += int(totals[1])
+        epoch_number = state.epoch + 1
+        if end_of_epoch:
+            metrics["train_loss"] = state.epoch_loss_sum / max(state.epoch_loss_count, 1)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        if state.early_stop.update(metrics[es.monitor]):
+            state.best_epoch, state.best_step = epoch_number, state.global_step
+            state.best_metrics = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        self._check_loss_plateau(metrics["val_loss"])
+        if self.scheduler is not None and self.cfg.scheduler.name == "plateau":
+            self.scheduler.step(metrics[es.monitor])
+        elif self.scheduler is not None and self.cfg.scheduler.name == "step" and end_of_epoch:
+            self.scheduler.step()
+        state.history.append({"epoch": epoch_number, "step": state.global_step, **metrics})
+        if end_of_epoch:
+            self.tracker.log_metrics(metrics, step=epoch_number)
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+        else:
+            self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
+        if es.enabled and state.early_stop.bad_evals >= es.patience:
+            stop = stop or "early_stopping"
+        state.stopped_reason = stop
+        self.progress.log_eval(epoch_number, metrics, stop)
+        self._save()
+
+    def _checkpoint(self, epoch_loss: torch.Tensor) -> None:
+        """Mid-epoch checkpoint: fold this rank's partial epoch loss into the global state first."""
+        totals = distributed.all_reduce_sum(epoch_loss.clone())
+        self.state.epoch_loss_sum += float(totals[0])
+        self.state.epoch_loss_count += int(totals[1])
+        self._save()
+
+    def _save(self) -> None:
+        if self.checkpoints.last_saved_step == self.state.global_step:
+            return
+        trainer_state = {
+            "loop": asdict(self.state),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "config_hash": self.config_hash,
+        }
+        self.checkpoints.save(self.state.global_step, self.model, self.optimizer, trainer_state, self.state.best_step)
+
+    def _check_loss_plateau(self, val_loss: float) -> None:
+        state, k = self.state, self.cfg.train.plateau_warning_evals
+        state.loss_plateau.update(val_loss)
+        if state.loss_plateau.bad_evals >= k and not state.plateau_warned:
+            message = f"val_loss has not improved for {k} evaluations (best {state.loss_plateau.best:.6g})"
+            log.warning(message)
+            self.tracker.set_tags({"plateau_warning": message})
+            state.plateau_warned = True
+
+    @torch.no_grad()
+    def evaluate(self, split: Split, prefix: str) -> dict[str, float]:
+        """Loss and task metrics over ``split``, each rank scoring its shard; synced across ranks."""
+        self.model.eval()
+        metrics = self.task.metrics().to(self.ctx.device)
+        mean_loss = MeanMetric().to(self.ctx.device)
+        for idx in shard(len(split), self.ctx.world_size, self.ctx.rank, EVAL_BATCH_SIZE):
+            x = split.features[idx].to(self.ctx.device)
+            y = split.labels[idx].to(self.ctx.device)
+            with self.autocast:
+                out = self.model(x).float()
+            mean_loss.update(self.task.loss_per_sample(out, y))
+            metrics.update(self.task.predict(out), self.task.metric_target(y))
+        self.model.train()
+        values = {f"{prefix}_{k}": float(v) for k, v in metrics.compute().items()}
+        values[f"{prefix}_loss"] = float(mean_loss.compute())
+        return values
+
+    # ------------------------------------------------------------------------------------------
+    def _finish(self) -> dict[str, Any]:
+        """Load the best checkpoint, score the test split, export the model, build result.json."""
+        from trainer.export import log_model
+        from trainer.plots import curve_figure
+
+        state = self.state
+        if state.best_step is None:
+            raise DivergenceError("training ended before any validation; no model to export")
+        self.checkpoints.load_model(state.best_step, self.model)
+        test = self.evaluate(self.snapshot.test, "test")
+        model_uri = None
+        if self.ctx.is_main:
+            self.tracker.log_metrics(test, step=state.best_epoch or 0)
+            model_uri = log_model(
+                self.model, self.task, self.snapshot.feature_columns, self.snapshot.test.features[:5].numpy()
+            )
+            if self.cfg.tracking.loss_curve and state.history:
+                self.tracker.log_figure(curve_figure(state.history), "plots/loss_curve.png")
+        self.checkpoints.close()
+        return {
+            "status": "succeeded",
+            "mlflow_run_id": state.mlflow_run_id,
+            "model_uri": model_uri,
+            "metrics": {**test, **{f"best_{k}": v for k, v in state.best_metrics.items()}},
+            "best_epoch": state.best_epoch,
+            "epochs_run": state.epoch,
+            "global_step": state.global_step,
+            "checkpoint": self.checkpoints.step_uri(state.best_step),
+            "dataset_version": self.snapshot.dataset_version,
+            "config_hash": self.config_hash,
+            "seed": self.cfg.seed,
+            "world_size": self.ctx.world_size,
+            "stopped_reason": state.stopped_reason,
+        }
+
+
+@dataclass
+class _Interval:
+    """Per-step numbers accumulated between two log lines (local to the rank)."""
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    grad_norm_sum: float = 0.0
+    step_time: float = 0.0
+    data_wait: float = 0.0
+
+    def add(self, loss_sum: float, samples: int, grad_norm: float, step_time: float, data_wait: float) -> None:
+        self.loss_sum += loss_sum
+        self.samples += samples
+        self.steps += 1
+        self.grad_norm_sum += grad_norm
+        self.step_time += step_time
+        self.data_wait += data_wait
+
+
+def _build_optimizer(cfg: TrainerConfig, model: nn.Module) -> torch.optim.Optimizer:
+    opt = cfg.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+
+
+def _build_scheduler(
+    cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, total_steps: int, mode: str
+) -> Any:
+    if cfg.name == "warmup_cosine":
+        warmup, floor = cfg.warmup_steps, cfg.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if cfg.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=cfg.gamma, patience=cfg.plateau_patience
+        )
+    return None
+
+
+def _split_frame(split: Split, feature_columns: list[str], label: str) -> Any:
+    import pandas as pd
+
+    frame = pd.DataFrame(split.features.numpy(), columns=feature_columns)
+    frame[label] = split.labels.numpy()
+    return frame
