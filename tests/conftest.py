@@ -24,6 +24,12 @@ def dp_settings_for(home: Path) -> Settings:
     return Settings(home=home, data_root=str(home / "data"), object_root=f"file://{home / 'objects'}")
 
 
+@pytest.fixture(scope="session")
+def dp_make_settings():
+    """The :func:`dp_settings_for` factory, for fixtures and tests that need several homes."""
+    return dp_settings_for
+
+
 @pytest.fixture
 def dp_settings(tmp_path: Path) -> Settings:
     """Empty ctrain home for one test: no data, no registry."""

@@ -131,6 +131,8 @@ def test_champion_reproduces_logged_test_auc(trained):
         manifest = json.load(fh)
     with fsspec.open(f"{root}/{manifest['splits']['test']['file']}", "rb") as fh:
         test = pd.read_parquet(fh)
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
+    mlflow.set_registry_uri(settings.resolved_tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")
     scores = np.asarray(model.predict(test[manifest["feature_columns"]].astype("float32"))).reshape(-1)
     assert roc_auc_score(test["label"], scores) == pytest.approx(logged, abs=1e-6)

@@ -117,7 +117,7 @@ def _world(p: GenParams) -> _World:
     rng = np.random.default_rng([p.seed, _STREAM_ENTITIES])
     nc, nm = p.n_customers, p.n_merchants
     activity = rng.gamma(2.0, 1.0, nc)
-    popularity = rng.pareto(1.5, nm) + 0.1
+    popularity = rng.lognormal(0.0, 1.0, nm)  # a few big merchants, none dominating
     return _World(
         cust_log_amount=rng.normal(3.6, 0.6, nc),
         cust_risk=rng.normal(0.0, 1.0, nc),
@@ -200,7 +200,7 @@ def _fraud_logit(
     young = cust["customer_account_age_days"] < 45
     velocity = np.log1p(cust["customer_txn_count_7d"])
     return (
-        -5.8
+        -6.1
         + 1.4 * (cb + 3.6)
         + 1.3 * (mf + 3.8)
         + 2.0 * np.maximum(ratio - 0.7, 0.0)

@@ -21,15 +21,26 @@ def read_split(snapshot_uri: str, split: str):
         return pd.read_parquet(fh), manifest
 
 
-def score_model(model_uri: str, snapshot_uri: str, split: str = "test") -> dict[str, float]:
-    """ROC AUC, PR AUC and row count of ``model_uri`` (loaded via pyfunc) on ``split`` of the snapshot."""
+def load_model(model_uri: str):
+    """The MLflow model at ``model_uri`` as a pyfunc (pt2 / safetensors: no pickle from storage)."""
     import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def input_names(model) -> list[str]:
+    """Input column names of a loaded pyfunc model's signature."""
+    schema = model.metadata.get_input_schema()
+    return list(schema.input_names()) if schema is not None else []
+
+
+def score_model(model, snapshot_uri: str, split: str = "test") -> dict[str, float]:
+    """ROC AUC, PR AUC and row count of a loaded pyfunc ``model`` on ``split`` of the snapshot."""
     import numpy as np
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     frame, manifest = read_split(snapshot_uri, split)
     features = frame[manifest["feature_columns"]].astype("float32")
-    model = mlflow.pyfunc.load_model(model_uri)
     scores = np.asarray(model.predict(features)).reshape(-1)
     labels = frame[manifest["label_column"]].to_numpy()
     return {

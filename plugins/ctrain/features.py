@@ -31,6 +31,7 @@ is cheap to import from a DAG file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import io
@@ -73,6 +74,20 @@ TRANSACTION_SCHEMA = {
     "amount": "floating",
     "label": "integer",
 }
+
+# The entity frame's canonical Arrow types; narrower ints or other timestamp units are cast to these.
+_CANONICAL_TYPES = {"integer": "int64", "floating": "float64", "timestamp": "timestamp[us, tz=UTC]"}
+
+
+@functools.cache
+def _transaction_schema() -> Any:
+    import pyarrow as pa
+
+    def arrow_type(family: str) -> Any:
+        return pa.timestamp("us", tz="UTC") if family == "timestamp" else pa.type_for_alias(_CANONICAL_TYPES[family])
+
+    return pa.schema([(c, arrow_type(f)) for c, f in TRANSACTION_SCHEMA.items()])
+
 
 # Feast objects read os.environ at load time; serialise the env swap so threads cannot interleave it.
 _ENV_LOCK = threading.RLock()
@@ -330,7 +345,6 @@ def load_transactions(
     Documented handling: rows repeated verbatim (e.g. the same file delivered twice into one date
     directory) are dropped and counted; the manifest records the count.
     """
-    import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -352,23 +366,22 @@ def load_transactions(
                 "path": str(path.relative_to(data_root)), "rows": table.num_rows,
                 "sha256": _sha256_file(path),
             })
-            frames.append(table.select(list(TRANSACTION_SCHEMA)).to_pandas())
-    df = pd.concat(frames, ignore_index=True)
-    df = df.astype({c: "int64" for c, fam in TRANSACTION_SCHEMA.items() if fam == "integer"})
-    df["amount"] = df["amount"].astype("float64")
-    df[TIMESTAMP_COLUMN] = pd.to_datetime(df[TIMESTAMP_COLUMN], utc=True).astype("datetime64[us, UTC]")
+            frames.append(table.select(list(TRANSACTION_SCHEMA)).cast(_transaction_schema()))
+    df = pa.concat_tables(frames).to_pandas()
 
-    before = len(df)
-    df = df.drop_duplicates(ignore_index=True)
-    duplicates = before - len(df)
-    clash = df[ID_COLUMN].duplicated(keep=False)
-    if clash.any():
-        ids = df.loc[clash, ID_COLUMN].unique()[:5].tolist()
-        raise DataError(
-            f"transaction_id not unique: {int(clash.sum())} rows share ids with different content "
-            f"(e.g. {ids}); the same event was delivered twice with different values. Remove the wrong copy."
-        )
-    if duplicates:
+    # Duplicates: a cheap id check first; only rows whose id repeats are compared in full.
+    duplicates = 0
+    if df[ID_COLUMN].duplicated().any():
+        before = len(df)
+        df = df.drop_duplicates(ignore_index=True)
+        duplicates = before - len(df)
+        clash = df[ID_COLUMN].duplicated(keep=False)
+        if clash.any():
+            ids = df.loc[clash, ID_COLUMN].unique()[:5].tolist()
+            raise DataError(
+                f"transaction_id not unique: {int(clash.sum())} rows share ids with different content "
+                f"(e.g. {ids}); the same event was delivered twice with different values. Remove the wrong copy."
+            )
         log.warning("dropped %d verbatim duplicate transaction rows", duplicates)
     return df, partitions, duplicates
 
@@ -418,6 +431,15 @@ def _check_partition(path: Path, table: Any, day: date, now: datetime) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _or_all(masks: list[Any]) -> Any:
+    import pyarrow.compute as pc
+
+    out = masks[0]
+    for m in masks[1:]:
+        out = pc.or_(out, m)
+    return out
+
+
 def _parse_day(value: date | str | None, name: str) -> date | None:
     if value is None or isinstance(value, date):
         return value.date() if isinstance(value, datetime) else value
@@ -444,23 +466,25 @@ def _window(data_root: Path, start: date | None, end: date | None) -> list[date]
     return days
 
 
-def _frame_digest(df: pd.DataFrame) -> str:
-    """Hash of a frame's logical content (values, column names, dtypes), stable across library versions."""
-    import pandas as pd
+def _table_digest(table: Any) -> str:
+    """Hash of a table's logical content (column names, types, values), independent of the file encoding.
 
+    Hashes each column's values as numpy bytes (nulls as NaN/NaT), so it does not change with the
+    parquet writer's version or settings the way file bytes would.
+    """
     h = hashlib.sha256()
-    h.update(json.dumps([[c, str(t)] for c, t in df.dtypes.items()]).encode())
-    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    h.update(json.dumps([[f.name, str(f.type)] for f in table.schema]).encode())
+    for col in table.columns:
+        h.update(col.to_numpy().tobytes())
     return h.hexdigest()
 
 
-def _parquet_bytes(df: pd.DataFrame) -> bytes:
+def _parquet_bytes(table: Any) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table.replace_schema_metadata(None), sink, compression="snappy")
     return sink.getvalue().to_pybytes()
 
 
@@ -490,7 +514,8 @@ def build_snapshot(
     Defaults cover every landed partition. Returns the committed snapshot; ``created`` says whether this
     call wrote it. Raises DataError/ConfigError on bad input, before anything is written.
     """
-    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     if val_days < 1 or test_days < 1:
         raise ConfigError(f"val_days={val_days}, test_days={test_days}: each must be >= 1")
@@ -510,37 +535,50 @@ def build_snapshot(
     with _feast_env(settings):
         service, fs_hash = feature_service_hash(store, settings.feature_service)
         ttl = max((store.get_feature_view(p.name).ttl or timedelta(0)) for p in service.feature_view_projections)
-        joined = store.get_historical_features(entity_df=entity_df.copy(), features=service).to_df()
-    if len(joined) != len(entity_df):
-        raise DataError(f"point-in-time join returned {len(joined)} rows for {len(entity_df)} events")
+        joined = store.get_historical_features(entity_df=entity_df, features=service).to_arrow()
+    if joined.num_rows != len(entity_df):
+        raise DataError(f"point-in-time join returned {joined.num_rows} rows for {len(entity_df)} events")
+    del entity_df
 
     feast_features = [f.name for p in service.feature_view_projections for f in p.features]
     feature_columns = EVENT_FEATURES + feast_features
     columns = [ID_COLUMN, *ENTITY_COLUMNS, TIMESTAMP_COLUMN, *feature_columns, LABEL_COLUMN]
-    df = joined[columns].astype({c: "float64" for c in feature_columns})
-    df[TIMESTAMP_COLUMN] = df[TIMESTAMP_COLUMN].astype("datetime64[us, UTC]")
-    df = df.sort_values([TIMESTAMP_COLUMN, ID_COLUMN], ignore_index=True)
-    missing = df[feature_columns].isna().any(axis=1)
-    n_missing = int(missing.sum())
+    # Arrow from here on: sorting, splitting (contiguous slices of the sorted table) and writing without
+    # pandas copies keeps time and peak memory down at 1e6+ rows.
+    schema = pa.schema(
+        [(c, pa.int64()) for c in (ID_COLUMN, *ENTITY_COLUMNS)]
+        + [(TIMESTAMP_COLUMN, pa.timestamp("us", tz="UTC"))]
+        + [(c, pa.float64()) for c in feature_columns]
+        + [(LABEL_COLUMN, pa.int64())]
+    )
+    table = joined.select(columns).cast(schema)
+    del joined
+    table = table.take(pc.sort_indices(table, [(TIMESTAMP_COLUMN, "ascending"), (ID_COLUMN, "ascending")]))
+    missing = _or_all([pc.is_null(table.column(c), nan_is_null=True) for c in feature_columns])
+    n_missing = int(pc.sum(missing).as_py() or 0)
     if missing_features == "drop" and n_missing:
         log.warning("dropping %d rows with missing features (TTL expired or null values)", n_missing)
-        df = df[~missing].reset_index(drop=True)
+        table = table.filter(pc.invert(missing))
+    table = table.combine_chunks()
 
-    # Time-based split by UTC event date.
-    event_day = df[TIMESTAMP_COLUMN].dt.date
+    # Time-based split by UTC event date; the table is sorted by time, so each split is a slice.
     test_from, val_from = days[-test_days], days[-(test_days + val_days)]
-    parts = {
-        "train": df[event_day < val_from],
-        "val": df[(event_day >= val_from) & (event_day < test_from)],
-        "test": df[event_day >= test_from],
-    }
+    ts = table.column(TIMESTAMP_COLUMN)
+
+    def first_row_on_or_after(day: date) -> int:
+        cut = pa.scalar(datetime.combine(day, datetime.min.time(), tzinfo=UTC), pa.timestamp("us", tz="UTC"))
+        return int(pc.sum(pc.less(ts, cut)).as_py() or 0)
+
+    i_val, i_test = first_row_on_or_after(val_from), first_row_on_or_after(test_from)
+    parts = {"train": table.slice(0, i_val), "val": table.slice(i_val, i_test - i_val),
+             "test": table.slice(i_test)}
     bounds = {"train": (days[0], days[-(test_days + val_days) - 1]),
               "val": (val_from, days[-test_days - 1]), "test": (test_from, days[-1])}
 
     version_src = {
         "feature_service": service.name, "feature_service_hash": fs_hash, "columns": columns,
         "missing_features": missing_features,
-        "splits": {s: [_frame_digest(parts[s]), str(bounds[s][0]), str(bounds[s][1])] for s in SPLITS},
+        "splits": {s: [_table_digest(parts[s]), str(bounds[s][0]), str(bounds[s][1])] for s in SPLITS},
     }
     dataset_version = hashlib.sha256(json.dumps(version_src, sort_keys=True).encode()).hexdigest()[:16]
     uri = f"{settings.resolved_object_root.rstrip('/')}/datasets/{dataset_version}"
@@ -549,22 +587,22 @@ def build_snapshot(
         log.info("snapshot %s already exists at %s; nothing written", dataset_version, uri)
         return SnapshotInfo(dataset_version, uri, read_manifest(uri), created=False)
 
+    def label_rate(t: Any) -> float | None:
+        return round(float(pc.mean(t.column(LABEL_COLUMN)).as_py()), 6) if t.num_rows else None
+
     splits_meta = {}
     for split in SPLITS:
-        frame = parts[split]
-        data = _parquet_bytes(frame)
+        part = parts[split]
+        data = _parquet_bytes(part)
         write_bytes(fs, f"{base}/{split}.parquet", data)
         splits_meta[split] = {
             "file": f"{split}.parquet",
             "sha256": hashlib.sha256(data).hexdigest(),
-            "rows": len(frame),
-            "label_rate": float(np.round(frame[LABEL_COLUMN].mean(), 6)) if len(frame) else None,
+            "rows": part.num_rows,
+            "label_rate": label_rate(part),
             "start": bounds[split][0].isoformat(),
             "end": bounds[split][1].isoformat(),
         }
-    import pyarrow as pa
-
-    schema = pa.Table.from_pandas(df.head(0), preserve_index=False).schema
     manifest = {
         "dataset_version": dataset_version,
         "feature_service": service.name,
@@ -576,8 +614,8 @@ def build_snapshot(
         "entity_columns": ENTITY_COLUMNS,
         "entity_window": {"start": days[0].isoformat(), "end": days[-1].isoformat()},
         "splits": splits_meta,
-        "rows": len(df),
-        "label_rate": float(np.round(df[LABEL_COLUMN].mean(), 6)),
+        "rows": table.num_rows,
+        "label_rate": label_rate(table),
         "missing_features": {"handling": missing_features, "rows": n_missing},
         "duplicates_dropped": duplicates,
         "source_partitions": {
@@ -590,5 +628,48 @@ def build_snapshot(
     }
     # The manifest is the commit marker: written last, and only after every file it names.
     write_bytes(fs, f"{base}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
-    log.info("snapshot %s written to %s (%d rows)", dataset_version, uri, len(df))
+    log.info("snapshot %s written to %s (%d rows)", dataset_version, uri, table.num_rows)
     return SnapshotInfo(dataset_version, uri, manifest, created=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Online store
+# --------------------------------------------------------------------------------------------------
+
+
+def materialize_incremental(settings: Settings, end: datetime | None = None) -> dict[str, list[list[str]]]:
+    """Load feature rows newer than the last materialization (up to ``end``, default now) into the online store.
+
+    Feast keeps each view's materialized intervals in the registry, so repeated calls only load new rows.
+    A view never materialized before is loaded from ``end - ttl`` (every row still valid at ``end``):
+    Feast's own first interval starts at *now* - ttl, which would skip back-filled or replayed data.
+    Returns each view's intervals (ISO strings).
+    """
+    end = end or datetime.now(UTC)
+    if end.tzinfo is None:
+        raise ConfigError(f"end={end!r}: pass a timezone-aware datetime (UTC)")
+    store = feature_store(settings)
+    with _feast_env(settings):
+        incremental = []
+        for fv in store.list_feature_views():
+            if fv.materialization_intervals:
+                incremental.append(fv.name)
+            else:
+                store.materialize(start_date=end - (fv.ttl or timedelta(days=1)), end_date=end,
+                                  feature_views=[fv.name])
+        if incremental:
+            store.materialize_incremental(end_date=end, feature_views=incremental)
+        return {
+            fv.name: [[s.isoformat(), e.isoformat()] for s, e in fv.materialization_intervals]
+            for fv in store.list_feature_views()
+        }
+
+
+def get_online_features(
+    settings: Settings, entity_rows: list[dict[str, Any]], feature_service: str | None = None
+) -> dict[str, list[Any]]:
+    """Serving-time read of the FeatureService for ``entity_rows`` (e.g. ``[{"customer_id": 1, "merchant_id": 2}]``)."""
+    store = feature_store(settings)
+    with _feast_env(settings):
+        service = store.get_feature_service(feature_service or settings.feature_service)
+        return store.get_online_features(features=service, entity_rows=entity_rows).to_dict()

@@ -115,9 +115,9 @@ def _read_result(output_uri: str) -> dict[str, Any] | None:
 
 def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, Any]) -> dict[str, Any]:
     """Score the new model and the champion on the same test split, from their MLflow models."""
-    from ctrain.evaluation import score_model
+    from ctrain.evaluation import input_names, load_model, read_manifest, score_model
 
-    challenger = score_model(training["model_uri"], snapshot["uri"])
+    challenger = score_model(load_model(training["model_uri"]), snapshot["uri"])
     logged = training["metrics"]["test_roc_auc"]
     if abs(challenger["test_roc_auc"] - logged) > 1e-4:
         raise CtrainError(
@@ -129,11 +129,15 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
     champion = None
     if champion_version is not None:
         champion_uri = f"models:/{settings.model_name}/{champion_version}"
-        try:
-            champion = score_model(champion_uri, snapshot["uri"])
-        except Exception as exc:  # noqa: BLE001 - an unscorable champion must not block a good challenger
-            log.warning("champion v%s cannot be scored on this snapshot (%s); governance sees no champion",
-                        champion_version, exc)
+        features = read_manifest(snapshot["uri"])["feature_columns"]
+        champion_model = load_model(champion_uri)
+        if input_names(champion_model) == features:
+            champion = score_model(champion_model, snapshot["uri"])
+        else:
+            # A champion trained on another feature set cannot be scored on this snapshot; the policy then
+            # judges the challenger on its floor alone, and the audit record says so.
+            log.warning("champion v%s takes other inputs than this snapshot's features; not compared",
+                        champion_version)
     run_id = training["mlflow_run_id"]
     client.log_metric(run_id, "eval_test_roc_auc", challenger["test_roc_auc"])
     if champion is not None:

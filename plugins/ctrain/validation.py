@@ -14,6 +14,12 @@ The suites (thresholds in :class:`SuiteConfig`):
   row count, unique ``transaction_id`` and unique (customer, merchant, event time).
 - ``ctrain_split`` on each of train/val/test: minimum rows and label rate bounds, so a split that came out
   empty or label-less fails even when the total looks fine.
+- ``ctrain_drift`` (only with ``reference_uri``, normally the current champion's training snapshot) on the
+  newest split (test: the most recent days): KL divergence of every feature and of the label from the
+  reference's train split, with GX's ``expect_column_kl_divergence_to_be_less_than``. This is the
+  poisoning guard: shifted feature sources or flipped labels in newly landed days move these
+  distributions. Shifts too small for it are left to governance on the holdout metrics.
+- freshness (``SuiteConfig.max_event_age``): the newest event is recent enough.
 
 A failed gate is not an exception here: the caller decides. ``report.raise_for_failure()`` raises
 :class:`ctrain.errors.ValidationFailed` with the failed expectations and the report location.
@@ -26,7 +32,7 @@ import logging
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_SUITE = "ctrain_snapshot"
 SPLIT_SUITE = "ctrain_split"
+DRIFT_SUITE = "ctrain_drift"
 
 # Plausible ranges per feature; a value outside is a broken upstream job, not a rare customer.
 FEATURE_RANGES: dict[str, tuple[float | None, float | None]] = {
@@ -64,6 +71,15 @@ class SuiteConfig:
     feature_ranges: dict[str, tuple[float | None, float | None]] = field(
         default_factory=lambda: dict(FEATURE_RANGES)
     )
+    # Freshness: the newest event must be at most this old at ``freshness_at`` (default: now). Off by
+    # default because the example data is dated 2026-01..03; the pipeline sets it from the run's date.
+    max_event_age: timedelta | None = None
+    freshness_at: datetime | None = None
+    # Drift vs the reference (champion's training data): KL divergence of the newest split's distribution
+    # from the reference train split's, per feature (10 quantile bins) and for the label.
+    max_feature_kl: float = 0.15
+    max_label_kl: float = 0.03
+    drift_bins: int = 10
 
 
 @dataclass
@@ -124,6 +140,9 @@ def snapshot_expectations(manifest: dict[str, Any], cfg: SuiteConfig) -> list[An
         gxe.ExpectColumnValuesToBeUnique(column=id_col),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=[*keys, ts]),
     ]
+    if cfg.max_event_age is not None:
+        at = cfg.freshness_at or datetime.now(UTC)
+        exps.append(gxe.ExpectColumnMaxToBeBetween(column=ts, min_value=at - cfg.max_event_age))
     return exps
 
 
@@ -139,6 +158,47 @@ def split_expectations(manifest: dict[str, Any], cfg: SuiteConfig) -> list[Any]:
     ]
 
 
+def _continuous_partition(values: Any, bins: int) -> dict[str, Any]:
+    """GX partition object from reference values: quantile bins, the outer two open-ended, smoothed weights.
+
+    Open outer bins (edges at +-1e15, as in the usual PSI recipe) keep a new maximum or minimum in the
+    first/last bin rather than in a near-empty tail; smoothing keeps the divergence finite when new data
+    lands in a bin the reference left empty. Mass that moved still counts against the threshold.
+    """
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    inner = np.unique(np.quantile(v, np.linspace(0, 1, bins + 1)[1:-1]))
+    edges = np.concatenate([[-1e15], inner, [1e15]])
+    counts, _ = np.histogram(v, bins=edges)
+    tail = 1e-4
+    weights = (counts + 0.5) / (counts + 0.5).sum() * (1 - 2 * tail)
+    return {"bins": edges.tolist(), "weights": weights.tolist(), "tail_weights": [tail, tail]}
+
+
+def drift_expectations(manifest: dict[str, Any], reference: pd.DataFrame, cfg: SuiteConfig) -> list[Any]:
+    """The ``ctrain_drift`` expectations: newest data vs the reference frame (the champion's train split)."""
+    import great_expectations.expectations as gxe
+
+    label = manifest["label_column"]
+    exps: list[Any] = [
+        gxe.ExpectColumnKLDivergenceToBeLessThan(
+            column=col, partition_object=_continuous_partition(reference[col], cfg.drift_bins),
+            threshold=cfg.max_feature_kl,
+        )
+        for col in manifest["feature_columns"]
+        if col in reference.columns
+    ]
+    rate = float(reference[label].mean())
+    rate = min(max(rate, 1e-4), 1 - 1e-4)  # both classes keep some weight: KL stays finite
+    exps.append(gxe.ExpectColumnKLDivergenceToBeLessThan(
+        column=label, partition_object={"values": [0, 1], "weights": [1 - rate, rate]},
+        threshold=cfg.max_label_kl,
+    ))
+    return exps
+
+
 # --------------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +207,8 @@ def split_expectations(manifest: dict[str, Any], cfg: SuiteConfig) -> list[Any]:
 def _describe(batch: str, er: Any) -> str:
     """One line per failed expectation: which check, on which column, what was seen."""
     cfg = er.expectation_config
-    kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format")}
+    # Partition objects and value sets can be long; the report JSON has them in full.
+    kwargs = {k: v for k, v in cfg.kwargs.items() if k not in ("batch_id", "result_format", "partition_object")}
     args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     res = er.result or {}
     if er.exception_info and er.exception_info.get("raised_exception"):
@@ -162,7 +223,8 @@ def _describe(batch: str, er: Any) -> str:
         if sample:
             seen += f", e.g. {sample}"
     elif "observed_value" in res:
-        seen = f"observed {res['observed_value']}"
+        # GX reports an infinite divergence as None (not JSON-serialisable otherwise).
+        seen = "observed infinite divergence" if res["observed_value"] is None else f"observed {res['observed_value']}"
     else:
         seen = "failed"
     return f"[{batch}] {cfg.type}({args}): {seen}"
@@ -186,37 +248,49 @@ def _gx_context(docs_dir: str) -> Any:
 
 
 def run_suites(
-    manifest: dict[str, Any], frames: dict[str, pd.DataFrame], cfg: SuiteConfig, docs_dir: str
+    manifest: dict[str, Any],
+    frames: dict[str, pd.DataFrame],
+    cfg: SuiteConfig,
+    docs_dir: str,
+    reference: pd.DataFrame | None = None,
 ) -> tuple[Any, list[str], dict[str, Any]]:
-    """Run both suites through one GX Checkpoint (which also builds Data Docs into ``docs_dir``)."""
+    """Run the suites through GX Checkpoints (which also build Data Docs into ``docs_dir``)."""
     import great_expectations as gx
     import pandas as pd
 
     ctx = _gx_context(docs_dir)
-    everything = pd.concat([frames[s] for s in ("train", "val", "test")], ignore_index=True)
-    batches = {"snapshot": everything, **frames}
+    # Consolidated frames (one block per dtype): GX's pandas engine copies the batch for many metrics,
+    # and copying a frame straight from parquet (a block per column) re-consolidates it every time.
+    everything = pd.concat([frames[s] for s in ("train", "val", "test")], ignore_index=True).copy()
+    batches = {"snapshot": everything, **{name: frame.copy() for name, frame in frames.items()}}
     snapshot_suite = ctx.suites.add(gx.ExpectationSuite(
         name=SNAPSHOT_SUITE,
         expectations=snapshot_expectations(manifest, cfg),
     ))
     split_suite = ctx.suites.add(gx.ExpectationSuite(name=SPLIT_SUITE, expectations=split_expectations(manifest, cfg)))
+    suites = {"snapshot": snapshot_suite, "train": split_suite, "val": split_suite, "test": split_suite}
+    if reference is not None:
+        batches["newest"] = frames["test"]
+        suites["newest"] = ctx.suites.add(gx.ExpectationSuite(
+            name=DRIFT_SUITE, expectations=drift_expectations(manifest, reference, cfg)))
     source = ctx.data_sources.add_pandas(f"dataset_{manifest['dataset_version']}")
     results = {}
     for name, df in batches.items():
         batch_def = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(
-            name=f"{name}_validation", data=batch_def,
-            suite=snapshot_suite if name == "snapshot" else split_suite,
+            name=f"{name}_validation", data=batch_def, suite=suites[name],
         ))
         checkpoint = ctx.checkpoints.add(gx.Checkpoint(
             name=f"{name}_checkpoint", validation_definitions=[vd],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs")],
+            actions=[],
             result_format={"result_format": "SUMMARY"},
         ))
         # One checkpoint per batch: each batch needs its own dataframe as a runtime parameter.
         cp_result = checkpoint.run(batch_parameters={"dataframe": df})
         (vr,) = cp_result.run_results.values()
         results[name] = vr
+    # Data Docs once for all batches (GX's per-checkpoint docs action re-renders the whole site each time).
+    ctx.build_data_docs()
     failed = [_describe(name, er) for name, vr in results.items() for er in vr.results if not er.success]
     stats: dict[str, Any] = {name: dict(vr.statistics) for name, vr in results.items()}
     stats["rows"] = len(everything)
@@ -226,28 +300,35 @@ def run_suites(
 
 
 def validate_snapshot(
-    snapshot_uri: str, report_root: str, config: SuiteConfig | None = None
+    snapshot_uri: str,
+    report_root: str,
+    config: SuiteConfig | None = None,
+    reference_uri: str | None = None,
 ) -> ValidationReport:
     """Validate the snapshot at ``snapshot_uri``; write JSON + Data Docs under ``report_root``.
 
-    Returns the report whatever the outcome; call ``raise_for_failure()`` to stop a pipeline on failure.
-    A snapshot whose files do not match its manifest's sha256 raises DataError before any expectation runs.
+    ``reference_uri``: the snapshot the current champion was trained on; when given, the drift suite
+    compares the newest split with its train split. Returns the report whatever the outcome; call
+    ``raise_for_failure()`` to stop a pipeline on failure. A snapshot (or reference) whose files do not
+    match its manifest's sha256 raises DataError before any expectation runs.
     """
     from ctrain.features import load_snapshot, open_fs, write_bytes
 
     cfg = config or SuiteConfig()
     manifest, frames = load_snapshot(snapshot_uri, verify=True)
+    reference = load_snapshot(reference_uri, verify=True)[1]["train"] if reference_uri else None
     version = manifest["dataset_version"]
     result_id = f"{version}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
     out_uri = f"{report_root.rstrip('/')}/validations/{version}/{result_id}"
 
     with tempfile.TemporaryDirectory(prefix="ctrain-gx-") as docs_dir:
-        results, failed, stats = run_suites(manifest, frames, cfg, docs_dir)
+        results, failed, stats = run_suites(manifest, frames, cfg, docs_dir, reference)
         success = not failed
         body = {
             "result_id": result_id,
             "dataset_version": version,
             "snapshot_uri": snapshot_uri,
+            "reference_uri": reference_uri,
             "success": success,
             "failed": failed,
             "statistics": stats,

@@ -19,6 +19,7 @@ import json
 import logging
 import pickle
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,9 @@ if TYPE_CHECKING:
     from trainer.distributed import DistContext
 
 log = logging.getLogger(__name__)
+
+# A single-process run deliberately has no process group; DCP warns about that on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -72,7 +76,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in self._ALLOWED or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"checkpoint metadata references {module}.{name}, which is not allowed")
 
@@ -167,7 +173,11 @@ class CheckpointManager:
         self.wait()
         path = self._step_path(step)
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        tensors = {"model": model_sd, "optim": _tensor_leaves(optim_sd["state"]), "rng": _rng_state(self.ctx.rank)}
+        tensors = {
+            "model": model_sd,
+            "optim": _tensor_leaves(optim_sd["state"]),
+            "rng": _rng_state(self.ctx.rank),
+        }
         try:
             if self.ctx.is_main:
                 # A directory at this step can only be a leftover of an abandoned attempt: start clean.
@@ -183,7 +193,9 @@ class CheckpointManager:
         group, no_dist = self.ctx.checkpoint_group, not self.ctx.is_distributed
         try:
             if self.async_save:
-                response = dcp.async_save(tensors, storage_writer=writer, process_group=group, no_dist=no_dist)
+                response = dcp.async_save(
+                    tensors, storage_writer=writer, process_group=group, no_dist=no_dist
+                )
                 upload: Future[Any] = getattr(response, "upload_completion", response)
             else:
                 dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=no_dist)
@@ -212,6 +224,17 @@ class CheckpointManager:
             if isinstance(error, CheckpointError | RetryableError):
                 raise error
             raise CheckpointError(f"checkpoint save under {self.uri} failed: {error or 'on another rank'}")
+
+    def drain(self) -> None:
+        """On the failure path: let this rank's pending save finish, without collectives (peers may be
+        gone). A save that fails here leaves no manifest, so it is never used."""
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            except Exception:
+                log.exception("pending checkpoint save failed")
+            self._pending = None
+        self._committer.shutdown(wait=True)
 
     def close(self) -> None:
         """Finish the pending save and stop the commit thread."""
@@ -272,7 +295,22 @@ class CheckpointManager:
                 return Verdict(step, False, f"{name} listed in the manifest is missing", manifest)
             if actual != expected:
                 return Verdict(step, False, f"{name} does not match its sha256 (corrupt)", manifest)
+        try:
+            self._read_metadata(step)
+        except pickle.UnpicklingError as exc:
+            return Verdict(step, False, f".metadata refused: {exc}", manifest)
         return Verdict(step, True, "", manifest)
+
+    def _read_metadata(self, step: int) -> Metadata:
+        """Parse DCP's ``.metadata`` with the allow-list unpickler (raises UnpicklingError)."""
+        try:
+            return _MetadataUnpickler(
+                io.BytesIO(self.fs.cat_file(f"{self._step_path(step)}/.metadata"))
+            ).load()
+        except pickle.UnpicklingError:
+            raise
+        except Exception as exc:  # truncated or garbage bytes surface as many exception types
+            raise pickle.UnpicklingError(f"unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
 
     def latest(self) -> int | None:
         """Newest step with a valid manifest (decided on rank 0, agreed by all); invalid newer ones are
@@ -346,6 +384,10 @@ class CheckpointManager:
         _unwrap(model).load_state_dict(sd["model"])
 
     def _dcp_load(self, step: int, tensors: dict[str, Any]) -> None:
+        try:
+            self._read_metadata(step)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"checkpoint {self.step_uri(step)} refused: {exc}") from None
         reader = _SafeReader(self.step_uri(step), **storage_options(self.uri))
         planner = DefaultLoadPlanner(allow_partial_load=True)
         try:
@@ -358,8 +400,6 @@ class CheckpointManager:
             )
         except OSError as exc:
             raise _storage_error(self.step_uri(step), exc) from exc
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"checkpoint {self.step_uri(step)} refused: {exc}") from None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -368,7 +408,9 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _tensor_leaves(optim_state: dict[str, Any]) -> dict[str, Any]:
     """Tensor part of the FQN-keyed optimizer state (all of it is tensors for AdamW/SGD)."""
-    return {fqn: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)} for fqn, s in optim_state.items()}
+    return {
+        fqn: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)} for fqn, s in optim_state.items()
+    }
 
 
 def _rng_state(rank: int) -> dict[str, torch.Tensor]:

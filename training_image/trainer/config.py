@@ -72,7 +72,8 @@ class ModelConfig(_Section):
         description="Dotted path 'package.module:function' of the model factory (see trainer.model.ModelSpec).",
     )
     kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="Keyword arguments passed to the factory (e.g. hidden_sizes, dropout)."
+        default_factory=dict,
+        description="Keyword arguments passed to the factory (e.g. hidden_sizes, dropout).",
     )
 
 
@@ -90,7 +91,9 @@ class SchedulerConfig(_Section):
         "step decay (per epoch); reduce on plateau of early_stopping.monitor (per evaluation).",
     )
     warmup_steps: int = Field(default=0, ge=0, description="warmup_cosine: linear warmup optimizer steps.")
-    min_lr_ratio: float = Field(default=0.0, ge=0, le=1, description="warmup_cosine: final LR as a share of lr.")
+    min_lr_ratio: float = Field(
+        default=0.0, ge=0, le=1, description="warmup_cosine: final LR as a share of lr."
+    )
     step_size: int = Field(default=1, ge=1, description="step: epochs between decays.")
     gamma: float = Field(default=0.5, gt=0, le=1, description="step / plateau: LR multiplier at each decay.")
     plateau_patience: int = Field(default=1, ge=0, description="plateau: evaluations without improvement.")
@@ -103,9 +106,13 @@ class TrainConfig(_Section):
         ge=1,
         description="Global batch: samples per optimizer step across all ranks and accumulation steps.",
     )
-    grad_accum_steps: int = Field(default=1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    grad_accum_steps: int = Field(
+        default=1, ge=1, description="Micro-batches accumulated per optimizer step."
+    )
     grad_clip_norm: float | None = Field(
-        default=1.0, gt=0, description="Clip the global gradient L2 norm to this value; null disables clipping."
+        default=1.0,
+        gt=0,
+        description="Clip the global gradient L2 norm to this value; null disables clipping.",
     )
     eval_every_steps: int | None = Field(
         default=None, ge=1, description="Validate every N optimizer steps as well as at each epoch end."
@@ -116,22 +123,29 @@ class TrainConfig(_Section):
         default=False, description="torch.use_deterministic_algorithms; bit-identical reruns also on GPU."
     )
     max_steps: int | None = _unhashed(
-        default=None, ge=1, description="Guardrail: stop (with a final checkpoint) after this many optimizer steps."
+        default=None,
+        ge=1,
+        description="Guardrail: stop (with a final checkpoint) after this many optimizer steps.",
     )
     max_wall_clock_s: float | None = _unhashed(
         default=None, gt=0, description="Guardrail: stop (with a final checkpoint) after this many seconds."
     )
     plateau_warning_evals: int = _unhashed(
-        default=3, ge=1, description="Warn (log + MLflow tag) when val_loss has not improved for K evaluations."
+        default=3,
+        ge=1,
+        description="Warn (log + MLflow tag) when val_loss has not improved for K evaluations.",
     )
 
 
 class EarlyStoppingConfig(_Section):
     enabled: bool = Field(default=True, description="Stop when the monitored metric stops improving.")
     monitor: str = Field(
-        default="val_loss", description="Validation metric that selects the best model and drives early stopping."
+        default="val_loss",
+        description="Validation metric that selects the best model and drives early stopping.",
     )
-    mode: Literal["min", "max"] = Field(default="min", description="Whether lower or higher monitor is better.")
+    mode: Literal["min", "max"] = Field(
+        default="min", description="Whether lower or higher monitor is better."
+    )
     patience: int = Field(default=3, ge=1, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(default=0.0, ge=0, description="Minimum change that counts as an improvement.")
 
@@ -144,9 +158,12 @@ class CheckpointConfig(_Section):
     keep_last: int = _unhashed(default=2, ge=1, description="Retention: keep this many newest checkpoints.")
     keep_best: bool = _unhashed(default=True, description="Retention: also keep the best checkpoint.")
     async_save: bool = _unhashed(
-        default=True, description="Write checkpoints in a background thread; training blocks only for the copy."
+        default=True,
+        description="Write checkpoints in a background thread; training blocks only for the copy.",
     )
-    resume: bool = _unhashed(default=True, description="Resume from the latest valid checkpoint if there is one.")
+    resume: bool = _unhashed(
+        default=True, description="Resume from the latest valid checkpoint if there is one."
+    )
     allow_mismatch: bool = _unhashed(
         default=False,
         description="Allow resuming a checkpoint written with another config hash or world size (DCP reshards).",
@@ -159,7 +176,12 @@ class TrackingConfig(_Section):
     )
     run_name: str | None = _unhashed(default=None, description="MLflow run name for a new run.")
     system_metrics: bool = _unhashed(default=True, description="Log CPU/memory (and GPU) system metrics.")
-    async_logging: bool = _unhashed(default=True, description="Log per-step metrics asynchronously.")
+    async_logging: bool = _unhashed(
+        default=True, description="Send metrics to MLflow from a background thread."
+    )
+    flush_every_s: float = _unhashed(
+        default=15.0, ge=0, description="Per-step and per-epoch metrics are sent in batches this often."
+    )
     loss_curve: bool = _unhashed(default=True, description="Log a loss/metric curve PNG artifact.")
 
 
@@ -180,7 +202,16 @@ class FaultsConfig(_Section):
     nonfinite_loss_step: int | None = _unhashed(
         default=None, ge=1, description="Test knob: make the loss NaN at this optimizer step."
     )
-    nonfinite_loss_rank: int = _unhashed(default=0, ge=0, description="Test knob: the rank that produces the NaN.")
+    nonfinite_loss_rank: int = _unhashed(
+        default=0, ge=0, description="Test knob: the rank that produces the NaN."
+    )
+    kill_at_step: int | None = _unhashed(
+        default=None,
+        ge=1,
+        description="Test knob: SIGKILL this process before this optimizer step, on a first attempt only "
+        "(TORCHELASTIC_RESTART_COUNT=0), so a torchrun restart resumes past it.",
+    )
+    kill_rank: int = _unhashed(default=0, ge=0, description="Test knob: the rank that kill_at_step kills.")
     step_delay_s: float = _unhashed(
         default=0.0, ge=0, description="Test knob: sleep this long per optimizer step (guardrail/kill tests)."
     )
@@ -202,8 +233,18 @@ class TrainerConfig(_Section):
     checkpoint: CheckpointConfig = Field(description="Checkpoint storage and retention.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     output: OutputConfig = Field(description="Where result.json goes.")
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="torch.distributed.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="torch.distributed."
+    )
     faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Fault injection (tests only).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_with_required_keys(cls, data: Any) -> Any:
+        # An absent section is reported as its missing keys (data.dataset_uri), not as "data".
+        if isinstance(data, dict):
+            data = {"data": {}, "checkpoint": {}, "output": {}, **data}
+        return data
 
     @model_validator(mode="after")
     def _monitor_fits_task(self) -> TrainerConfig:

@@ -11,9 +11,8 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,6 +21,9 @@ from torch import Tensor
 
 from trainer.errors import DataError
 from trainer.storage import filesystem, join
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 SPLITS = ("train", "val", "test")
 _REQUIRED_MANIFEST_KEYS = ("dataset_version", "feature_columns", "label_column", "id_column", "splits")
@@ -73,7 +75,9 @@ def load_snapshot(uri: str, task_type: str, verify_checksums: bool = True) -> Sn
     missing = [key for key in _REQUIRED_MANIFEST_KEYS if key not in manifest]
     if missing:
         raise DataError(f"dataset snapshot {uri}: manifest.json lacks {', '.join(missing)}")
-    splits = {name: _load_split(fs, root, uri, manifest, name, task_type, verify_checksums) for name in SPLITS}
+    splits = {
+        name: _load_split(fs, root, uri, manifest, name, task_type, verify_checksums) for name in SPLITS
+    }
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         raise DataError(f"dataset snapshot {uri}: train and val splits must not be empty")
     return Snapshot(uri=uri, manifest=manifest, **splits)
@@ -102,11 +106,15 @@ def _load_split(
     if absent:
         raise DataError(f"dataset snapshot {uri}: {file_uri} lacks column(s) {', '.join(absent)}")
     if "rows" in entry and table.num_rows != entry["rows"]:
-        raise DataError(f"dataset snapshot {uri}: {file_uri} has {table.num_rows} rows, manifest says {entry['rows']}")
+        raise DataError(
+            f"dataset snapshot {uri}: {file_uri} has {table.num_rows} rows, manifest says {entry['rows']}"
+        )
     x = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float32) for c in features])
     if x.size and not np.isfinite(x).all():
         bad = [c for i, c in enumerate(features) if not np.isfinite(x[:, i]).all()]
-        raise DataError(f"dataset snapshot {uri}: {file_uri} has NaN/inf in feature column(s) {', '.join(bad)}")
+        raise DataError(
+            f"dataset snapshot {uri}: {file_uri} has NaN/inf in feature column(s) {', '.join(bad)}"
+        )
     y = table.column(label).to_numpy(zero_copy_only=False)
     _check_labels(y, task_type, f"dataset snapshot {uri}: {file_uri} column {label!r}")
     ids = table.column(id_col).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -120,7 +128,9 @@ def _check_labels(y: np.ndarray, task_type: str, where: str) -> None:
     if not np.isfinite(y.astype(np.float64)).all():
         raise DataError(f"{where}: labels contain NaN/inf")
     if task_type == "binary" and not np.isin(y, (0, 1)).all():
-        raise DataError(f"{where}: binary labels must be 0 or 1, found {sorted(set(np.unique(y)) - {0, 1})[:5]}")
+        raise DataError(
+            f"{where}: binary labels must be 0 or 1, found {sorted(set(np.unique(y)) - {0, 1})[:5]}"
+        )
     if task_type == "multiclass" and (y.min() < 0 or not np.equal(np.mod(y, 1), 0).all()):
         raise DataError(f"{where}: multiclass labels must be non-negative integers")
 
@@ -171,8 +181,9 @@ class ResumableSampler:
         order = self.order(epoch)
         for step in range(start_step, self.steps_per_epoch):
             batch = order[step * self.batch_size : (step + 1) * self.batch_size]
-            micro = [chunk[self.rank :: self.world_size] for chunk in batch.tensor_split(self.accum)]
-            yield Step(micro_batches=micro, global_size=int(batch.numel()))
+            chunks = batch.tensor_split(self.accum) if self.accum > 1 else (batch,)
+            micro = [c[self.rank :: self.world_size] for c in chunks] if self.world_size > 1 else list(chunks)
+            yield Step(micro_batches=micro, global_size=len(batch))
 
 
 def shard(num_samples: int, world_size: int, rank: int, batch_size: int) -> list[Tensor]:

@@ -25,6 +25,8 @@ class DistContext:
     # A separate gloo group for checkpoint collectives: async saves run them in a background
     # thread, and sharing the training group would interleave them with DDP's all-reduces.
     checkpoint_group: dist.ProcessGroup | None = None
+    # The rendezvous key-value store: lets ranks coordinate without collectives (failure path).
+    store: dist.Store | None = None
 
     @property
     def is_main(self) -> bool:
@@ -49,12 +51,44 @@ def init(backend: str = "auto", timeout_s: float = 120.0) -> DistContext:
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
     timeout = timedelta(seconds=timeout_s)
+    store = _attempt_store(rank, world_size, timeout)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, timeout=timeout, device_id=device if cuda else None)
+        dist.init_process_group(
+            backend=backend,
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device_id=device if cuda else None,
+        )
     checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
     return DistContext(
-        rank=rank, local_rank=local_rank, world_size=world_size, device=device, checkpoint_group=checkpoint_group
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        device=device,
+        checkpoint_group=checkpoint_group,
     )
+
+
+def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store for this torchrun attempt, under a key prefix of its own.
+
+    torchrun shares one TCPStore across restarts and the default ``env://`` init uses it without a
+    prefix, so after a restart a rank can read the address a dead peer published in the previous
+    attempt and wait on it until the timeout. Prefixing by ``TORCHELASTIC_RESTART_COUNT`` keeps each
+    attempt's keys apart.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    return dist.PrefixStore(f"ctrain/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown() -> None:
@@ -91,6 +125,22 @@ def broadcast_str(value: str | None, device: torch.device) -> str | None:
     box = [value]
     dist.broadcast_object_list(box, src=0, device=device)
     return box[0]
+
+
+def signal_done(ctx: DistContext, key: str) -> None:
+    """Rank 0 marks ``key`` done in the store (no collective: peers may be in any state)."""
+    if ctx.store is not None:
+        ctx.store.set(key, "1")
+
+
+def wait_done(ctx: DistContext, key: str, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for rank 0 to mark ``key`` done; give up silently after that."""
+    if ctx.store is None:
+        return
+    try:
+        ctx.store.wait([key], timedelta(seconds=timeout_s))
+    except Exception:  # rank 0 is gone or slow: exiting now is all that is left to do
+        return
 
 
 def barrier() -> None:

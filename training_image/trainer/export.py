@@ -62,12 +62,16 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
     # callers can pass a DataFrame (float32 or float64) and columns are matched by name, not position.
     set_signature(
         info.model_uri,
-        ModelSignature(inputs=Schema([ColSpec("double", name) for name in feature_columns]), outputs=signature.outputs),
+        ModelSignature(
+            inputs=Schema([ColSpec("double", name) for name in feature_columns]), outputs=signature.outputs
+        ),
     )
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "model.safetensors"
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(weights), metadata={"feature_columns": json.dumps(feature_columns), "task": task.type})
+        save_file(
+            state, str(weights), metadata={"feature_columns": json.dumps(feature_columns), "task": task.type}
+        )
         mlflow.log_artifact(str(weights), "weights")
     run = mlflow.active_run()
     assert run is not None  # the caller logs inside the tracker's run

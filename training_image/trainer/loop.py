@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -97,6 +99,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     if deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; it must be set before the first call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
 
 
@@ -109,7 +113,9 @@ class Trainer:
         self.config_hash = cfg.config_hash()
         self.started = time.monotonic()
         seed_everything(cfg.seed, cfg.train.deterministic)
-        self.snapshot: Snapshot = load_snapshot(cfg.data.dataset_uri, cfg.task.type, cfg.data.verify_checksums)
+        self.snapshot: Snapshot = load_snapshot(
+            cfg.data.dataset_uri, cfg.task.type, cfg.data.verify_checksums
+        )
         self.task = Task(cfg.task.type, cfg.task.num_classes)
         mean, std = feature_stats(self.snapshot.train)
         spec = ModelSpec(
@@ -122,8 +128,15 @@ class Trainer:
         # Same seed on every rank for identical initial weights; then one dropout stream per rank.
         self.model = build_model(cfg.model.factory, spec, cfg.model.kwargs).to(ctx.device)
         torch.manual_seed(cfg.seed + 1 + ctx.rank)
+        # broadcast_buffers=False: re-sending buffers before every forward is a collective per step,
+        # and the default model's buffers (feature scaling) never change. A user model with running
+        # statistics (BatchNorm) should use SyncBatchNorm; rank 0's copy is the one checkpointed.
         self.ddp: nn.Module = (
-            DistributedDataParallel(self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            DistributedDataParallel(
+                self.model,
+                device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
             if ctx.is_distributed
             else self.model
         )
@@ -137,7 +150,12 @@ class Trainer:
             seed=cfg.seed,
         )
         self.total_steps = cfg.train.epochs * self.sampler.steps_per_epoch
-        self.scheduler = _build_scheduler(cfg.scheduler, self.optimizer, self.total_steps, cfg.early_stopping.mode)
+        self.scheduler = _build_scheduler(
+            cfg.scheduler, self.optimizer, self.total_steps, cfg.early_stopping.mode
+        )
+        # Schedulers stepped per optimizer step (the others step per epoch or per evaluation).
+        self.step_scheduler = self.scheduler if cfg.scheduler.name == "warmup_cosine" else None
+        self.params = list(self.model.parameters())
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.uri,
             ctx,
@@ -183,14 +201,21 @@ class Trainer:
             if self.scheduler is not None and saved.get("scheduler") is not None:
                 self.scheduler.load_state_dict(saved["scheduler"])
             self._resumed_from = step
-            log.info("resumed from %s (epoch %d, step %d)", self.checkpoints.step_uri(step), self.state.epoch + 1, step)
+            log.info(
+                "resumed from %s (epoch %d, step %d)",
+                self.checkpoints.step_uri(step),
+                self.state.epoch + 1,
+                step,
+            )
         # Anything newer than the resume point is an orphan or corrupt, and would be rewritten anyway.
         self.checkpoints.discard_after(step)
 
     def _start_tracking(self) -> None:
         self.state.mlflow_run_id = self.tracker.start(self.state.mlflow_run_id)
         snap = self.snapshot
-        self.tracker.log_params({**self.cfg.flat(), "config_hash": self.config_hash, "world_size": self.ctx.world_size})
+        self.tracker.log_params(
+            {**self.cfg.flat(), "config_hash": self.config_hash, "world_size": self.ctx.world_size}
+        )
         tags = {
             "dataset_version": snap.dataset_version,
             "feature_service": snap.manifest.get("feature_service", ""),
@@ -215,12 +240,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _train_epoch(self) -> None:
         cfg, state = self.cfg.train, self.state
+        epoch_started = time.monotonic()
         self.ddp.train()
-        epoch_loss = torch.zeros(2, dtype=torch.float64)  # this rank's loss sum and sample count
+        epoch_loss = _LocalLoss()
         stop: str | None = None
-        self.progress.start_epoch(state.epoch + 1, cfg.epochs, self.sampler.steps_per_epoch, state.step_in_epoch)
+        self.progress.start_epoch(
+            state.epoch + 1, cfg.epochs, self.sampler.steps_per_epoch, state.step_in_epoch
+        )
         for step in self.sampler.steps(state.epoch, state.step_in_epoch):
-            epoch_loss += self._optimizer_step(step.micro_batches, step.global_size)
+            epoch_loss.add(*self._optimizer_step(step.micro_batches, step.global_size))
             state.global_step += 1
             state.step_in_epoch += 1
             log_due = state.global_step % cfg.log_every_steps == 0
@@ -231,68 +259,81 @@ class Trainer:
                 break  # the epoch-end evaluation below handles `stop` too
             if stop or (cfg.eval_every_steps and state.global_step % cfg.eval_every_steps == 0):
                 self._evaluate_and_checkpoint(epoch_loss, end_of_epoch=False, stop=stop)
-                epoch_loss.zero_()
             elif self.cfg.checkpoint.every_steps and state.global_step % self.cfg.checkpoint.every_steps == 0:
-                self._checkpoint(epoch_loss)
-                epoch_loss.zero_()
+                self._fold_epoch_loss(epoch_loss)
+                self._save()
             if state.stopped_reason:
                 return
-        self._evaluate_and_checkpoint(epoch_loss, end_of_epoch=True, stop=stop)
+        self._evaluate_and_checkpoint(epoch_loss, end_of_epoch=True, stop=stop, started=epoch_started)
 
-    def _optimizer_step(self, micro_batches: list[torch.Tensor], global_size: int) -> torch.Tensor:
+    def _optimizer_step(self, micro_batches: list[torch.Tensor], global_size: int) -> tuple[float, int]:
         """Forward/backward over the micro-batches, agree on finiteness, clip, step.
 
-        Returns ``[loss sum, samples]`` of this rank (float64)."""
+        Returns this rank's loss sum and sample count."""
+        self._maybe_kill()
         t0 = time.perf_counter()
         train, device = self.snapshot.train, self.ctx.device
         # Each rank's loss is a sum scaled so that DDP's gradient average equals the mean over the
         # global batch, however the samples are spread over ranks and micro-batches.
         scale = self.ctx.world_size / global_size
-        loss_total = torch.zeros((), dtype=torch.float64)
-        data_wait = 0.0
+        loss_sum, samples, data_wait = 0.0, 0, 0.0
+        last = len(micro_batches) - 1
         for i, idx in enumerate(micro_batches):
             td = time.perf_counter()
             x = train.features[idx].to(device, non_blocking=True)
             y = train.labels[idx].to(device, non_blocking=True)
             data_wait += time.perf_counter() - td
-            last = i == len(micro_batches) - 1
-            sync = nullcontext() if last or not self.ctx.is_distributed else self.ddp.no_sync()  # type: ignore[operator]
+            # Only the last micro-batch all-reduces; the others accumulate gradients locally.
+            sync = self.ddp.no_sync() if i < last and self.ctx.is_distributed else nullcontext()  # type: ignore[operator]
             with sync:
                 with self.autocast:
                     loss = self.task.loss_sum(self.ddp(x).float(), y)
                 loss = self._maybe_inject_fault(loss)
                 (loss * scale).backward()
-            loss_total += loss.detach().double().cpu()
+            loss_sum += loss.item()
+            samples += len(idx)
         # The gradients are all-reduced by now and identical on every rank, so this norm (and the
         # decision below) is too: no extra collective is needed to agree before optimizer.step().
-        params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.train.grad_clip_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip_norm).item()
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        grad_norm_value = float(grad_norm)
-        if not math.isfinite(grad_norm_value):
+            grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.params if p.grad is not None]
+            ).item()
+        if not math.isfinite(grad_norm):
             raise DivergenceError(
-                f"non-finite gradient norm ({grad_norm_value}) at optimizer step {self.state.global_step + 1} "
+                f"non-finite gradient norm ({grad_norm}) at optimizer step {self.state.global_step + 1} "
                 f"(epoch {self.state.epoch + 1}); the run stops without checkpointing this state. "
                 "Lower optimizer.lr, enable train.grad_clip_norm, or check the data for extreme values."
             )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scheduler is not None and self.cfg.scheduler.name == "warmup_cosine":
-            self.scheduler.step()
-        samples = sum(int(idx.numel()) for idx in micro_batches)
+        if self.step_scheduler is not None:
+            self.step_scheduler.step()
         if self.cfg.faults.step_delay_s:
             time.sleep(self.cfg.faults.step_delay_s)
-        self.interval.add(float(loss_total), samples, grad_norm_value, time.perf_counter() - t0, data_wait)
-        self.progress.advance(float(loss_total) / max(samples, 1))
-        return torch.tensor([float(loss_total), samples], dtype=torch.float64)
+        self.interval.add(loss_sum, samples, grad_norm, time.perf_counter() - t0, data_wait)
+        self.progress.advance(loss_sum / max(samples, 1))
+        return loss_sum, samples
 
     def _maybe_inject_fault(self, loss: torch.Tensor) -> torch.Tensor:
         faults = self.cfg.faults
-        if faults.nonfinite_loss_step == self.state.global_step + 1 and faults.nonfinite_loss_rank == self.ctx.rank:
+        if (
+            faults.nonfinite_loss_step == self.state.global_step + 1
+            and faults.nonfinite_loss_rank == self.ctx.rank
+        ):
             return loss * float("nan")
         return loss
+
+    def _maybe_kill(self) -> None:
+        faults = self.cfg.faults
+        if (
+            faults.kill_at_step == self.state.global_step + 1
+            and faults.kill_rank == self.ctx.rank
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        ):
+            log.warning("fault injection: SIGKILL at step %d", self.state.global_step + 1)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _guardrail(self, check_clock: bool) -> str | None:
         """Stop reason if max_steps or max_wall_clock_s is reached (the clock check is agreed by all ranks)."""
@@ -307,28 +348,32 @@ class Trainer:
 
     def _log_interval(self) -> None:
         interval, self.interval = self.interval, _Interval()
-        totals = distributed.all_reduce_sum(torch.tensor([interval.loss_sum, interval.samples], dtype=torch.float64))
+        totals = distributed.all_reduce_sum(
+            torch.tensor([interval.loss_sum, interval.samples], dtype=torch.float64)
+        )
         if self.ctx.is_main and interval.steps:
             seconds = interval.step_time
             metrics = {
-                "train_step_loss": float(totals[0] / max(totals[1], 1)),
+                "loss": float(totals[0] / max(totals[1], 1)),
                 "lr": self.optimizer.param_groups[0]["lr"],
                 "grad_norm": interval.grad_norm_sum / interval.steps,
                 "samples_per_s": float(totals[1]) / seconds if seconds > 0 else 0.0,
                 "step_time_ms": 1000 * seconds / interval.steps,
                 "data_wait_ms": 1000 * interval.data_wait / interval.steps,
             }
-            self.tracker.log_metrics(metrics, step=self.state.global_step, asynchronous=True)
+            # Keyed under step/ so they never mix with the per-epoch series (step = epoch).
+            step_metrics = {f"step/{k}": v for k, v in metrics.items()}
+            self.tracker.log_metrics(step_metrics, step=self.state.global_step, buffered=True)
             self.progress.log_line(self.state.epoch + 1, self.state.global_step, metrics)
 
     # ------------------------------------------------------------------------------------------
-    def _evaluate_and_checkpoint(self, epoch_loss: torch.Tensor, *, end_of_epoch: bool, stop: str | None) -> None:
-        """Validate, update best/early-stopping/plateau state, log, checkpoint, decide to stop."""
+    def _evaluate_and_checkpoint(
+        self, epoch_loss: _LocalLoss, *, end_of_epoch: bool, stop: str | None, started: float | None = None
+    ) -> None:
+        """Validate, update best/early-stopping/plateau state, checkpoint, log, decide to stop."""
         state, es = self.state, self.cfg.early_stopping
         metrics = self.evaluate(self.snapshot.val, "val")
-        totals = distributed.all_reduce_sum(epoch_loss.clone())
-        state.epoch_loss_sum += float(totals[0])
-        state.epoch_loss_count += int(totals[1])
+        self._fold_epoch_loss(epoch_loss)
         epoch_number = state.epoch + 1
         if end_of_epoch:
             metrics["train_loss"] = state.epoch_loss_sum / max(state.epoch_loss_count, 1)
@@ -343,23 +388,30 @@ class Trainer:
             self.scheduler.step()
         state.history.append({"epoch": epoch_number, "step": state.global_step, **metrics})
         if end_of_epoch:
-            self.tracker.log_metrics(metrics, step=epoch_number)
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
             state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
-        else:
-            self.tracker.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=state.global_step)
         if es.enabled and state.early_stop.bad_evals >= es.patience:
             stop = stop or "early_stopping"
         state.stopped_reason = stop
+        self._save()  # every evaluation is checkpointed, so best_step always names a checkpoint
+        if end_of_epoch:
+            if started is not None:
+                metrics["epoch_time_s"] = time.monotonic() - started
+            self.tracker.log_metrics(metrics, step=epoch_number, buffered=True)
+        else:
+            eval_metrics = {f"eval/{k}": v for k, v in metrics.items()}
+            self.tracker.log_metrics(eval_metrics, step=state.global_step, buffered=True)
+        self.tracker.flush()  # metrics up to a checkpoint are sent with it, so a resume never misses them
         self.progress.log_eval(epoch_number, metrics, stop)
-        self._save()
 
-    def _checkpoint(self, epoch_loss: torch.Tensor) -> None:
-        """Mid-epoch checkpoint: fold this rank's partial epoch loss into the global state first."""
-        totals = distributed.all_reduce_sum(epoch_loss.clone())
+    def _fold_epoch_loss(self, epoch_loss: _LocalLoss) -> None:
+        """Add every rank's train loss since the last fold into the (checkpointed) epoch totals."""
+        totals = distributed.all_reduce_sum(
+            torch.tensor([epoch_loss.sum, epoch_loss.count], dtype=torch.float64)
+        )
         self.state.epoch_loss_sum += float(totals[0])
         self.state.epoch_loss_count += int(totals[1])
-        self._save()
+        epoch_loss.sum, epoch_loss.count = 0.0, 0
 
     def _save(self) -> None:
         if self.checkpoints.last_saved_step == self.state.global_step:
@@ -369,7 +421,10 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "config_hash": self.config_hash,
         }
-        self.checkpoints.save(self.state.global_step, self.model, self.optimizer, trainer_state, self.state.best_step)
+        self.checkpoints.save(
+            self.state.global_step, self.model, self.optimizer, trainer_state, self.state.best_step
+        )
+        self.tracker.flush()
 
     def _check_loss_plateau(self, val_loss: float) -> None:
         state, k = self.state, self.cfg.train.plateau_warning_evals
@@ -436,6 +491,18 @@ class Trainer:
 
 
 @dataclass
+class _LocalLoss:
+    """This rank's train-loss sum and sample count since the last fold into the loop state."""
+
+    sum: float = 0.0
+    count: int = 0
+
+    def add(self, loss_sum: float, samples: int) -> None:
+        self.sum += loss_sum
+        self.count += samples
+
+
+@dataclass
 class _Interval:
     """Per-step numbers accumulated between two log lines (local to the rank)."""
 
@@ -446,7 +513,9 @@ class _Interval:
     step_time: float = 0.0
     data_wait: float = 0.0
 
-    def add(self, loss_sum: float, samples: int, grad_norm: float, step_time: float, data_wait: float) -> None:
+    def add(
+        self, loss_sum: float, samples: int, grad_norm: float, step_time: float, data_wait: float
+    ) -> None:
         self.loss_sum += loss_sum
         self.samples += samples
         self.steps += 1
@@ -458,7 +527,9 @@ class _Interval:
 def _build_optimizer(cfg: TrainerConfig, model: nn.Module) -> torch.optim.Optimizer:
     opt = cfg.optimizer
     if opt.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
+        return torch.optim.SGD(
+            model.parameters(), lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay
+        )
     return torch.optim.AdamW(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
 
 

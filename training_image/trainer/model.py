@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,9 @@ def build_model(dotted: str, spec: ModelSpec, kwargs: dict[str, object]) -> nn.M
         inspect.signature(factory).bind(spec, **kwargs)
     except TypeError as exc:
         params = [p for p in inspect.signature(factory).parameters if p != "spec"]
-        raise ConfigError(f"model.kwargs for {dotted}: {exc}; the factory accepts: {', '.join(params)}") from None
+        raise ConfigError(
+            f"model.kwargs for {dotted}: {exc}; the factory accepts: {', '.join(params)}"
+        ) from None
     model = factory(spec, **kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory {dotted!r} returned {type(model).__name__}, not a torch.nn.Module")

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 # MLflow caps a param value at 6000 characters and a batch at 100 params.
 _PARAM_MAX = 6000
 _PARAM_BATCH = 100
+_BATCH_MAX = 1000  # metrics per log_batch call
 
 
 class Tracker:
@@ -36,6 +37,8 @@ class Tracker:
         self.run_id: str | None = None
         self._client: MlflowClient | None = None
         self._last_step: dict[str, int] = {}  # metric key -> highest step already in the run
+        self._buffer: list[Metric] = []
+        self._flushed_at = time.monotonic()
 
     def start(self, resume_run_id: str | None) -> str | None:
         """Open the run: ``MLFLOW_RUN_ID``, else the run of the checkpoint we resume, else a new one."""
@@ -74,18 +77,35 @@ class Tracker:
         dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest, targets=targets)
         mlflow.log_input(dataset, context="training")
 
-    def log_metrics(self, metrics: dict[str, float], step: int, *, asynchronous: bool = False) -> None:
-        """Log metrics at ``step``, skipping keys whose step the run already holds (resume)."""
+    def log_metrics(self, metrics: dict[str, float], step: int, *, buffered: bool = False) -> None:
+        """Log metrics at ``step``, skipping keys whose step the run already holds (resume).
+
+        ``buffered`` metrics are collected and sent in one batch every ``tracking.flush_every_s``
+        seconds (and by :meth:`flush`): each MLflow write costs milliseconds of Python in this
+        process, which per-step logging would otherwise take from training.
+        """
         if not self.enabled or self._client is None or self.run_id is None:
             return
         timestamp = int(time.time() * 1000)
-        batch = [
+        self._buffer += [
             Metric(key, float(value), timestamp, step)
             for key, value in metrics.items()
             if step > self._last_step.get(key, -1)
         ]
-        if batch:
-            self._client.log_batch(self.run_id, metrics=batch, synchronous=not (asynchronous and self.cfg.async_logging))
+        due = time.monotonic() - self._flushed_at >= self.cfg.flush_every_s or len(self._buffer) >= _BATCH_MAX
+        if not buffered or due:
+            self.flush(synchronous=not buffered)
+
+    def flush(self, synchronous: bool = False) -> None:
+        """Send buffered metrics (asynchronously unless ``synchronous`` or async logging is off)."""
+        if self._client is None or self.run_id is None:
+            return
+        while self._buffer:
+            batch, self._buffer = self._buffer[:_BATCH_MAX], self._buffer[_BATCH_MAX:]
+            self._client.log_batch(
+                self.run_id, metrics=batch, synchronous=synchronous or not self.cfg.async_logging
+            )
+        self._flushed_at = time.monotonic()
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         if self.enabled:
@@ -100,6 +120,7 @@ class Tracker:
         if not self.enabled or self.run_id is None:
             return
         try:
+            self.flush()
             mlflow.flush_async_logging()
         finally:
             mlflow.end_run(status=RunStatus.to_string(RunStatus.from_string(status)))
@@ -110,4 +131,5 @@ def _logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
     return {
         key: max(m.step for m in client.get_metric_history(run_id, key))
         for key in client.get_run(run_id).data.metrics
+        if not key.startswith("system/")  # written by MLflow's own monitor, never by us
     }

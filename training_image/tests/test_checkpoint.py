@@ -1,0 +1,185 @@
+"""CheckpointManager in one process: commit protocol, verification, fallback, retention, safe loading, S3."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.checkpoint import CheckpointManager
+from trainer.distributed import DistContext
+from trainer.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+CTX = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def manager(uri: str, **overrides: Any) -> CheckpointManager:
+    options: dict[str, Any] = {
+        "config_hash": "cfg",
+        "dataset_version": "data",
+        "keep_last": 2,
+        "keep_best": True,
+        "async_save": True,
+        "allow_mismatch": False,
+    }
+    return CheckpointManager(uri, CTX, **{**options, **overrides})
+
+
+def trained_pair(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(16, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def save_steps(mgr: CheckpointManager, steps: list[int], best: int | None = None) -> tuple[nn.Module, Any]:
+    model, optimizer = trained_pair()
+    for step in steps:
+        mgr.save(step, model, optimizer, {"loop": {"global_step": step}}, best_step=best)
+    mgr.wait()
+    return model, optimizer
+
+
+def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path: Path) -> None:
+    mgr = manager(f"file://{tmp_path}")
+    model, optimizer = trained_pair()
+    torch.manual_seed(123)
+    rng_before = torch.get_rng_state()
+    mgr.save(7, model, optimizer, {"loop": {"global_step": 7}}, best_step=7)
+    mgr.close()
+    torch.manual_seed(999)
+    fresh_model, fresh_opt = trained_pair(seed=1)
+    loaded = manager(f"file://{tmp_path}")
+    assert loaded.latest() == 7
+    state = loaded.load(7, fresh_model, fresh_opt)
+    assert state["loop"] == {"global_step": 7}
+    for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(
+        optimizer.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"]
+    )
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    manifest = json.loads((tmp_path / "step-00000007" / "manifest.json").read_text())
+    assert (
+        manifest["config_hash"] == "cfg"
+        and manifest["dataset_version"] == "data"
+        and manifest["world_size"] == 1
+    )
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    mgr = manager(f"file://{tmp_path}", keep_last=3)
+    save_steps(mgr, [1, 2, 3])
+    data_file = next((tmp_path / "step-00000003").glob("*.distcp"))
+    blob = bytearray(data_file.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(blob))
+    (tmp_path / "step-00000002" / ".metadata").write_bytes(b"truncated")
+    fresh = manager(f"file://{tmp_path}")
+    assert fresh.latest() == 1
+    assert any("step-00000003 skipped" in e and "does not match its sha256" in e for e in fresh.events)
+    assert any("step-00000002 skipped" in e for e in fresh.events)
+
+
+def test_save_killed_before_its_manifest_is_never_used_and_is_cleaned_up(tmp_path: Path) -> None:
+    mgr = manager(f"file://{tmp_path}")
+    save_steps(mgr, [1, 2])
+    (tmp_path / "step-00000002" / "manifest.json").unlink()  # as if killed after the data files
+    fresh = manager(f"file://{tmp_path}")
+    assert fresh.latest() == 1
+    fresh.discard_after(1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]
+
+
+def test_retention_keeps_last_k_the_best_and_the_resume_point(tmp_path: Path) -> None:
+    mgr = manager(f"file://{tmp_path}", keep_last=2)
+    mgr.protected.add(2)
+    save_steps(mgr, [1, 2, 3, 4, 5, 6], best=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"step-0000000{s}" for s in (2, 3, 5, 6)]
+
+
+def test_resume_with_another_config_is_refused_unless_allowed(tmp_path: Path) -> None:
+    save_steps(manager(f"file://{tmp_path}"), [4])
+    model, optimizer = trained_pair()
+    with pytest.raises(CheckpointError, match=r"config hash cfg != other.*checkpoint.allow_mismatch=true"):
+        manager(f"file://{tmp_path}", config_hash="other").load(4, model, optimizer)
+    manager(f"file://{tmp_path}", config_hash="other", allow_mismatch=True).load(4, model, optimizer)
+
+
+class _Payload:
+    """Unpickling this runs ``os.system`` - a stand-in for a malicious checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_bearing_checkpoint_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    save_steps(manager(f"file://{root}"), [1])
+    marker = tmp_path / "pwned"
+    step_dir = root / "step-00000001"
+    # Even with a manifest that vouches for it, the crafted .metadata must not execute.
+    (step_dir / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"][".metadata"] = hashlib.sha256((step_dir / ".metadata").read_bytes()).hexdigest()
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    mgr = manager(f"file://{root}")
+    assert mgr.latest() is None  # the only checkpoint is not valid
+    assert any(".metadata refused" in e and "system, which is not allowed" in e for e in mgr.events)
+    model, optimizer = trained_pair()
+    with pytest.raises(CheckpointError, match="refused.*system, which is not allowed"):
+        mgr.load(1, model, optimizer)
+    assert not marker.exists()
+
+
+@pytest.fixture
+def s3_uri(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A bucket on a real S3 HTTP endpoint on loopback (moto server)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+    from trainer_testkit import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "CTRAIN_S3_ENDPOINT_URL": endpoint,
+    }.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ckpt")
+    import fsspec
+
+    fsspec.config.conf.pop("s3", None)
+    yield "s3://ckpt/runs/key"
+    server.stop()
+
+
+def test_s3_round_trip_through_the_http_endpoint(s3_uri: str) -> None:
+    model, optimizer = save_steps(manager(s3_uri), [10, 20])
+    fresh = manager(s3_uri)
+    assert fresh.latest() == 20
+    other_model, other_opt = trained_pair(seed=5)
+    fresh.load(20, other_model, other_opt)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), other_model.state_dict().values(), strict=True)
+    )

@@ -1,0 +1,112 @@
+"""Config loading: YAML + overrides, validation messages, hash, schema, and the CLI's exit code 65."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from trainer_testkit import CONFIGS
+
+from trainer.config import TrainerConfig, apply_override, json_schema, load_config
+from trainer.errors import ConfigError
+
+REQUIRED = ["data.dataset_uri=file:///d", "checkpoint.uri=file:///c", "output.uri=file:///o"]
+
+
+def test_yaml_and_overrides_are_coerced_to_field_types() -> None:
+    cfg = load_config(
+        CONFIGS / "debug.yaml",
+        [*REQUIRED, "train.epochs=7", "optimizer.lr=1e-4", "train.grad_clip_norm=null"],
+    )
+    assert cfg.train.epochs == 7
+    assert cfg.optimizer.lr == pytest.approx(1e-4)
+    assert cfg.train.grad_clip_norm is None
+    assert cfg.model.kwargs == {"hidden_sizes": [16], "dropout": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.epochz=3", "train.epochz: unknown key; allowed keys here: batch_size, "),
+        ("bogus.key=1", "bogus: unknown key; allowed keys here: checkpoint, data, distributed"),
+        ("train.epochs=0", "train.epochs: Input should be greater than or equal to 1"),
+        ("train.epochs=many", "train.epochs: Input should be a valid integer"),
+        ("optimizer.name=adam", "optimizer.name: Input should be 'adamw' or 'sgd'"),
+        ("scheduler.name=linear", "'constant', 'warmup_cosine', 'step' or 'plateau'"),
+        ("early_stopping.monitor=val_rmse", "allowed: val_loss, val_roc_auc, val_pr_auc, val_accuracy"),
+        ("task.type=multiclass", "task.num_classes is required when task.type is 'multiclass'"),
+        ("train.grad_accum_steps=3", "must be divisible by train.grad_accum_steps (3)"),
+        ("model.factory=not a path", "model.factory: String should match pattern"),
+        ("train=5", "train: Input should be a valid dictionary"),
+    ],
+)
+def test_bad_values_name_the_field_and_the_allowed_values(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "debug.yaml", [*REQUIRED, override])
+    assert expected in str(err.value)
+
+
+def test_missing_required_fields_are_listed() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "debug.yaml", [])
+    message = str(err.value)
+    for field in ("data.dataset_uri", "checkpoint.uri", "output.uri"):
+        assert f"{field}: required field is missing" in message
+
+
+def test_malformed_override_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_override({}, "train.epochs")
+
+
+def test_config_hash_ignores_locations_and_guardrails_but_not_training_math() -> None:
+    base = load_config(CONFIGS / "debug.yaml", REQUIRED)
+    moved = load_config(
+        CONFIGS / "debug.yaml",
+        ["data.dataset_uri=s3://b/d", "checkpoint.uri=s3://b/c", "output.uri=s3://b/o", "train.max_steps=5"],
+    )
+    changed = load_config(CONFIGS / "debug.yaml", [*REQUIRED, "optimizer.lr=0.5"])
+    assert base.config_hash() == moved.config_hash()
+    assert base.config_hash() != changed.config_hash()
+    assert len(base.config_hash()) == 16
+
+
+def test_schema_has_a_description_for_every_field() -> None:
+    schema = json_schema()
+    assert schema["additionalProperties"] is False
+    for name, definition in schema["$defs"].items():
+        for field, spec in definition.get("properties", {}).items():
+            assert spec.get("description"), f"{name}.{field} has no description"
+    assert set(schema["properties"]) == set(TrainerConfig.model_fields)
+
+
+def test_default_config_is_valid() -> None:
+    cfg = load_config(CONFIGS / "default.yaml", REQUIRED)
+    assert cfg.train.batch_size == 512
+    assert cfg.early_stopping.monitor == "val_roc_auc"
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.unknown=1", "train.unknown: unknown key"),
+        ("optimizer.lr=-1", "optimizer.lr: Input should be greater than 0"),
+    ],
+)
+def test_cli_exits_65_naming_the_field(override: str, field: str) -> None:
+    cmd = [sys.executable, "-m", "trainer", "train", "--config", str(CONFIGS / "debug.yaml")]
+    for item in [*REQUIRED, override]:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 65
+    assert field in proc.stderr
+
+
+def test_cli_prints_the_schema() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "schema"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["title"] == "TrainerConfig"

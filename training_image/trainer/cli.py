@@ -1,0 +1,203 @@
+"""Command line: parse, build, run, and turn the outcome into an exit code and ``result.json``.
+
+    torchrun --nproc-per-node=2 -m trainer train --config configs/default.yaml \\
+        --set data.dataset_uri=file:///.../datasets/<version> --set checkpoint.uri=... --set output.uri=...
+    python -m trainer schema        # JSON schema of the config (for Airflow Params)
+
+Exit codes: 0 ok, 65 bad data/config, 70 divergence or bug, 75 retryable (see trainer.errors). torchrun
+itself exits 1 when any worker fails, so the launcher should read the code from ``result.json``
+(``exit_code``), which rank 0 writes on failure as well as on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import logging
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+from trainer import distributed
+from trainer.config import TrainerConfig, json_schema, load_config
+from trainer.errors import EXIT_OK, EXIT_RETRYABLE, EXIT_SOFTWARE, RetryableError, TrainerError
+from trainer.storage import filesystem, join
+
+if TYPE_CHECKING:
+    from trainer.loop import Trainer
+
+log = logging.getLogger("trainer")
+
+RESULT_FILE = "result.json"
+FAILURE_RECORDED = "failure_recorded"
+# Messages of collective failures that mean a peer is gone rather than a bug in this process.
+_LOST_PEER_MARKERS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "timed out",
+    "Timeout",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m trainer`` and the ``ctrain-trainer`` script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
+    _setup_logging(int(os.environ.get("RANK", "0")))
+    # `kill -USR1 <pid>` prints every thread's stack: the first thing to look at when a rank hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # SIGTERM (torchrun stopping the group, Airflow killing the task, pod eviction) becomes an
+    # exception, so the MLflow run and result.json are closed as retryable instead of left RUNNING.
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except TrainerError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    return run(cfg)
+
+
+def run(cfg: TrainerConfig) -> int:
+    """Train with ``cfg`` in this process (one torchrun worker); returns the exit code."""
+    from trainer.loop import Trainer
+
+    ctx = None
+    trainer: Trainer | None = None
+    try:
+        ctx = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_s)
+        if _already_done(cfg):
+            return EXIT_OK
+        trainer = Trainer(cfg, ctx)
+        result = trainer.fit()
+        if ctx.is_main:
+            write_result(cfg.output.uri, result)
+            trainer.tracker.finish("FINISHED")
+            log.info("done: %s", json.dumps(result["metrics"], sort_keys=True))
+        return EXIT_OK
+    except Exception as exc:
+        code = exit_code_for(exc)
+        if isinstance(exc, TrainerError):
+            log.error("%s (exit %d)", exc, code)
+        else:
+            log.exception("training failed (exit %d)", code)
+        if trainer is not None and code != EXIT_RETRYABLE:
+            trainer.checkpoints.drain()
+        # torchrun stops every worker as soon as one exits with an error, so the other ranks wait
+        # (briefly, and without collectives) until rank 0 has recorded the failure.
+        if ctx is None or ctx.is_main:
+            _record_failure(cfg, trainer, exc, code)
+            if ctx is not None:
+                distributed.signal_done(ctx, FAILURE_RECORDED)
+        else:
+            distributed.wait_done(ctx, FAILURE_RECORDED, timeout_s=60)
+        return code
+    finally:
+        distributed.shutdown()
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """Map an exception to the contract's exit code."""
+    import torch.distributed as dist
+
+    if isinstance(exc, TrainerError):
+        return exc.exit_code
+    if isinstance(exc, dist.DistError | TimeoutError | ConnectionError):
+        return EXIT_RETRYABLE
+    if isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _LOST_PEER_MARKERS):
+        return EXIT_RETRYABLE
+    return EXIT_SOFTWARE
+
+
+def write_result(output_uri: str, result: dict[str, Any]) -> str:
+    """Write ``result.json`` under ``output_uri``; returns its URI."""
+    fs, root = filesystem(output_uri)
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{RESULT_FILE}", json.dumps(result, indent=2, sort_keys=True).encode())
+    return join(output_uri, RESULT_FILE)
+
+
+def read_result(output_uri: str) -> dict[str, Any] | None:
+    """The ``result.json`` under ``output_uri``, or None if there is none."""
+    fs, root = filesystem(output_uri)
+    try:
+        return json.loads(fs.cat_file(f"{root}/{RESULT_FILE}"))
+    except FileNotFoundError:
+        return None
+
+
+def _already_done(cfg: TrainerConfig) -> bool:
+    """A duplicate trigger for a run that already succeeded with this config is a no-op."""
+    previous = read_result(cfg.output.uri)
+    done = bool(
+        previous
+        and previous.get("status") == "succeeded"
+        and previous.get("config_hash") == cfg.config_hash()
+    )
+    if done:
+        log.info(
+            "%s already holds a successful result for config %s; nothing to do",
+            cfg.output.uri,
+            cfg.config_hash(),
+        )
+    return done
+
+
+def _record_failure(cfg: TrainerConfig, trainer: Trainer | None, exc: BaseException, code: int) -> None:
+    """Best effort: close the MLflow run and leave a failed result.json with the real exit code."""
+    run_id = None
+    if trainer is not None:
+        run_id = trainer.tracker.run_id
+        try:
+            trainer.tracker.set_tags({"last_failure": f"exit {code}: {exc}"[:5000]})
+            trainer.tracker.finish("KILLED" if code == EXIT_RETRYABLE else "FAILED")
+        except Exception:
+            log.exception("could not close the MLflow run")
+    try:
+        write_result(
+            cfg.output.uri,
+            {
+                "status": "failed",
+                "exit_code": code,
+                "error": f"{type(exc).__name__}: {exc}",
+                "retryable": code == EXIT_RETRYABLE,
+                "mlflow_run_id": run_id,
+                "config_hash": cfg.config_hash(),
+                "seed": cfg.seed,
+            },
+        )
+    except Exception:
+        log.exception("could not write the failed result.json")
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise RetryableError(f"received {signal.Signals(signum).name}; a rerun resumes from the last checkpoint")
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer", description="ctrain training task")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model on a dataset snapshot")
+    train.add_argument("--config", help="YAML config file (see training_image/configs/)")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (YAML syntax), repeatable",
+    )
+    sub.add_parser("schema", help="print the config JSON schema")
+    return parser
