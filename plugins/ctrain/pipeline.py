@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import fsspec
 
 from ctrain import lineage, registry
-from ctrain.errors import CtrainError, GovernanceRejected
+from ctrain.errors import CtrainError, GovernanceRejected, TrainingFailed
 from ctrain.governance import Policy, decide
-from ctrain.launchers import TrainingJob, get_launcher
+from ctrain.launchers import TrainingJob, describe_exit, get_launcher
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -51,11 +51,24 @@ def validate(settings: Settings, snapshot: dict[str, Any]) -> dict[str, Any]:
     from ctrain.validation import validate_snapshot
 
     report_root = f"{settings.resolved_object_root}/reports"
-    report = validate_snapshot(snapshot["uri"], report_root)
+    reference = champion_snapshot_uri(settings)
+    if reference:
+        log.info("drift reference: the champion's training snapshot %s", reference)
+    report = validate_snapshot(snapshot["uri"], report_root, reference_uri=reference)
     log.info("validation report: %s ; data docs: %s", report.report_uri, report.docs_uri)
     report.raise_for_failure()
-    return {"success": report.success, "result_id": report.result_id,
-            "report_uri": report.report_uri, "docs_uri": report.docs_uri}
+    return {"success": report.success, "result_id": report.result_id, "report_uri": report.report_uri,
+            "docs_uri": report.docs_uri, "drift_reference": reference}
+
+
+def champion_snapshot_uri(settings: Settings) -> str | None:
+    """The snapshot the current champion was trained on (the drift reference), if there is a champion."""
+    client = registry.get_client(settings)
+    version = registry.alias_version(client, settings.model_name, registry.CHAMPION)
+    if version is None:
+        return None
+    dataset_version = client.get_model_version(settings.model_name, version).tags.get("dataset_version")
+    return f"{settings.resolved_object_root}/datasets/{dataset_version}" if dataset_version else None
 
 
 def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, Any], dag_id: str,
@@ -84,7 +97,7 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
         "pipeline_config_fingerprint": fingerprint,
     })
     result = _read_result(output_uri)
-    if run.status == "FINISHED" and result is not None:
+    if run.status == "FINISHED" and result is not None and result.get("status") == "succeeded":
         log.info("run key %s already trained (MLflow run %s); reusing its result", key, run.run_id)
         return {**result, "run_key": key, "reused": True}
 
@@ -96,7 +109,16 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
         nproc_per_node=settings.nproc_per_node,
     )
     started = time.monotonic()
-    get_launcher(settings.launcher, settings.training_image).run(job, sink)
+    try:
+        get_launcher(settings.launcher, settings.training_image).run(job, sink)
+    except TrainingFailed as exc:
+        # torchrun exits 1 whenever a worker fails; the trainer's own code (65/70/75) is in result.json.
+        failed = _read_result(output_uri) or {}
+        if failed.get("status") == "failed" and failed.get("exit_code"):
+            raise TrainingFailed(int(failed["exit_code"]),
+                                 f"trainer failed with exit code {failed['exit_code']} "
+                                 f"({describe_exit(int(failed['exit_code']))}): {failed.get('error')}") from exc
+        raise
     result = _read_result(output_uri)
     if result is None:
         raise CtrainError(f"trainer exited 0 but wrote no {output_uri}/result.json; see the task log above")
