@@ -156,6 +156,7 @@ class Trainer:
         # Schedulers stepped per optimizer step (the others step per epoch or per evaluation).
         self.step_scheduler = self.scheduler if cfg.scheduler.name == "warmup_cosine" else None
         self.params = list(self.model.parameters())
+        self.on_accelerator = ctx.device.type != "cpu"
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.uri,
             ctx,
@@ -273,25 +274,29 @@ class Trainer:
         self._maybe_kill()
         t0 = time.perf_counter()
         train, device = self.snapshot.train, self.ctx.device
-        # Each rank's loss is a sum scaled so that DDP's gradient average equals the mean over the
-        # global batch, however the samples are spread over ranks and micro-batches.
-        scale = self.ctx.world_size / global_size
         loss_sum, samples, data_wait = 0.0, 0, 0.0
         last = len(micro_batches) - 1
         for i, idx in enumerate(micro_batches):
             td = time.perf_counter()
-            x = train.features[idx].to(device, non_blocking=True)
-            y = train.labels[idx].to(device, non_blocking=True)
+            x, y = train.features[idx], train.labels[idx]
+            if self.on_accelerator:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             data_wait += time.perf_counter() - td
+            n = len(idx)
             # Only the last micro-batch all-reduces; the others accumulate gradients locally.
             sync = self.ddp.no_sync() if i < last and self.ctx.is_distributed else nullcontext()  # type: ignore[operator]
             with sync:
                 with self.autocast:
-                    loss = self.task.loss_sum(self.ddp(x).float(), y)
-                loss = self._maybe_inject_fault(loss)
-                (loss * scale).backward()
-            loss_sum += loss.item()
-            samples += len(idx)
+                    output = self.ddp(x).float()
+                # The micro-batch mean, weighted by its share of the global batch times world_size
+                # (DDP's gradient average divides that back out): the gradient is the mean over the
+                # global batch whatever the rank/accumulation layout. An empty share (short last
+                # batch) contributes a zero loss but still joins DDP's all-reduce via backward.
+                loss = self._maybe_inject_fault(self.task.loss(output, y, "mean" if n else "sum"))
+                weight = n * self.ctx.world_size / global_size
+                (loss if weight == 1.0 else loss * weight).backward()
+            loss_sum += loss.item() * n
+            samples += n
         # The gradients are all-reduced by now and identical on every rank, so this norm (and the
         # decision below) is too: no extra collective is needed to agree before optimizer.step().
         if self.cfg.train.grad_clip_norm is not None:
@@ -446,7 +451,7 @@ class Trainer:
             y = split.labels[idx].to(self.ctx.device)
             with self.autocast:
                 out = self.model(x).float()
-            mean_loss.update(self.task.loss_per_sample(out, y))
+            mean_loss.update(self.task.loss(out, y, "none"))
             metrics.update(self.task.predict(out), self.task.metric_target(y))
         self.model.train()
         values = {f"{prefix}_{k}": float(v) for k, v in metrics.compute().items()}

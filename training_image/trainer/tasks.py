@@ -1,7 +1,7 @@
 """Task types: how model outputs become a loss, predictions and validation metrics.
 
 Binary classification (the fraud model) outputs one logit; multiclass outputs one logit per class;
-regression outputs one value. Losses are sums so the loop can normalise by the global batch size.
+regression outputs one value.
 """
 
 from __future__ import annotations
@@ -33,21 +33,13 @@ class Task:
     def label_dtype(self) -> torch.dtype:
         return torch.int64 if self.type == "multiclass" else torch.float32
 
-    def loss_sum(self, output: Tensor, target: Tensor) -> Tensor:
-        """Summed loss over the batch (the caller divides by the global batch size)."""
+    def loss(self, output: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        """Task loss of raw model outputs; ``reduction`` is "mean", "sum" or "none" (per sample)."""
         if self.type == "binary":
-            return F.binary_cross_entropy_with_logits(output.squeeze(-1), target, reduction="sum")
+            return F.binary_cross_entropy_with_logits(output.squeeze(-1), target, reduction=reduction)
         if self.type == "multiclass":
-            return F.cross_entropy(output, target, reduction="sum")
-        return F.mse_loss(output.squeeze(-1), target, reduction="sum")
-
-    def loss_per_sample(self, output: Tensor, target: Tensor) -> Tensor:
-        """Per-sample loss (for evaluation means)."""
-        if self.type == "binary":
-            return F.binary_cross_entropy_with_logits(output.squeeze(-1), target, reduction="none")
-        if self.type == "multiclass":
-            return F.cross_entropy(output, target, reduction="none")
-        return F.mse_loss(output.squeeze(-1), target, reduction="none")
+            return F.cross_entropy(output, target, reduction=reduction)
+        return F.mse_loss(output.squeeze(-1), target, reduction=reduction)
 
     def predict(self, output: Tensor) -> Tensor:
         """Model output -> served prediction: probability of class 1, class probabilities, or value."""
