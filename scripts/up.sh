@@ -2,6 +2,7 @@
 # Start Airflow (standalone) and the MLflow UI on the embedded defaults, in the background.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"  # airflow standalone starts its components as `airflow ...`
 eval "$(.venv/bin/python -m ctrain.localenv)"
 mkdir -p "$CTRAIN_HOME/logs" "$CTRAIN_HOME/pids"
 .venv/bin/airflow db migrate >> "$CTRAIN_HOME/logs/airflow-migrate.log" 2>&1

@@ -39,8 +39,9 @@ def airflow(args: list[str], env: Mapping[str, str], log_path: Path, echo: bool 
                 task = line.split("task_id=")[1].split()[0] if "task_id=" in line else "?"
                 state = "started " if "starting" in line else "finished"
                 print(f"  {time.strftime('%H:%M:%S')} {state} {task}", flush=True)
-            elif echo and ("Epoch" in line or "epoch" in line) and "val_" in line:
-                print("    " + line.strip()[-140:], flush=True)
+            elif echo and "trainer.progress" in line and " eval:" in line:
+                epoch = line[line.index("epoch "):].strip()
+                print(f"    {epoch[:150]}", flush=True)
         return proc.wait()
 
 

@@ -6,12 +6,15 @@ process with no process group (so a 1-process run pays nothing for distribution)
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,8 +142,8 @@ def wait_done(ctx: DistContext, key: str, timeout_s: float) -> None:
         return
     try:
         ctx.store.wait([key], timedelta(seconds=timeout_s))
-    except Exception:  # rank 0 is gone or slow: exiting now is all that is left to do
-        return
+    except Exception as exc:  # rank 0 is gone or slow: exiting now is all that is left to do
+        log.warning("rank 0 did not confirm %r: %s", key, exc)
 
 
 def barrier() -> None:
