@@ -99,6 +99,9 @@ def test_one_mlflow_run_with_per_epoch_metrics(trained):
     epochs = [m.step for m in history]
     assert len(epochs) >= 2 and epochs == sorted(set(epochs)), f"val_roc_auc per epoch, no duplicates: {epochs}"
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) >= len(epochs)
+    # Data lineage: the snapshot is the run's dataset input, its digest the dataset version.
+    digests = {d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert run.data.tags["dataset_version"] in digests
 
 
 def test_champion_registered_once_with_lineage(trained):
@@ -108,10 +111,11 @@ def test_champion_registered_once_with_lineage(trained):
     assert len(versions) == 1, "the second trigger must not register a second version"
     mv = _champion(settings)
     assert {"champion", "challenger"} <= set(mv.aliases)
-    for tag in ("dataset_version", "feature_service", "gx_result_id", "git_sha", "config_hash", "seed",
+    for tag in ("dataset_version", "feature_service", "feature_service_hash", "source_partitions", "gx_result_id", "git_sha", "config_hash", "seed",
                 "dag_run_id", "mlflow_run_id", "checkpoint"):
         assert mv.tags.get(tag), f"lineage tag {tag} missing"
     assert mv.tags["mlflow_run_id"] == mv.run_id
+    assert f"transactions {START}.." in mv.tags["source_partitions"]
     # The checkpoint the model came from is committed (manifest present).
     fs, path = fsspec.core.url_to_fs(mv.tags["checkpoint"])
     assert fs.exists(f"{path}/manifest.json")

@@ -43,7 +43,18 @@ def build_dataset(settings: Settings, start: str | None = None, end: str | None 
         "feature_service": manifest["feature_service"],
         "feature_service_hash": manifest["feature_service_hash"],
         "rows": {split: meta["rows"] for split, meta in manifest["splits"].items()},
+        "source_partitions": _partition_summary(manifest),
     }
+
+
+def _partition_summary(manifest: dict[str, Any]) -> str:
+    """'transactions 2026-01-01..2026-03-01 (60), customer_stats ...': which landed files made the snapshot.
+
+    The full list with a sha256 per file stays in the manifest; this summary fits in an MLflow tag."""
+    by_table: dict[str, list[str]] = {}
+    for part in manifest["source_partitions"]["partitions"]:
+        by_table.setdefault(part["table"], []).append(part["date"])
+    return ", ".join(f"{t} {min(d)}..{max(d)} ({len(d)})" for t, d in sorted(by_table.items()))
 
 
 def validate(settings: Settings, snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +99,8 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
     run = registry.training_run_for(client, settings, key, tags={
         "dataset_version": snapshot["dataset_version"],
         "feature_service": snapshot["feature_service"],
+        "feature_service_hash": snapshot["feature_service_hash"],
+        "source_partitions": snapshot["source_partitions"],
         "gx_result_id": validation["result_id"],
         "gx_report_uri": validation["report_uri"],
         "gx_docs_uri": validation["docs_uri"],
@@ -174,6 +187,7 @@ def register(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
         "dataset_version": snapshot["dataset_version"],
         "feature_service": snapshot["feature_service"],
         "feature_service_hash": snapshot["feature_service_hash"],
+        "source_partitions": snapshot["source_partitions"],
         "gx_result_id": validation["result_id"],
         "git_sha": lineage.git_sha(),
         "image": settings.training_image if settings.launcher != "local" else "local",

@@ -71,6 +71,7 @@ def init(backend: str = "auto", timeout_s: float = 120.0) -> DistContext:
         world_size=world_size,
         device=device,
         checkpoint_group=checkpoint_group,
+        store=store,
     )
 
 
