@@ -2,7 +2,7 @@
 ### continuous_training
 
 Features from Feast -> Great Expectations gate -> DDP training (torchrun) -> evaluation -> MLflow
-registry -> governance -> promotion.
+registry -> governance -> promotion; validated features are also materialized to the online store.
 
 Runs daily at 03:00 UTC **or** as soon as a new `transactions` partition lands (Asset event), and from
 the UI with the Params below. Re-running for the same data and config resumes or reuses the earlier
@@ -69,6 +69,14 @@ def continuous_training():
         except ValidationFailed as exc:  # bad data does not get better with retries
             raise AirflowFailException(str(exc)) from exc
 
+    @task
+    def materialize_online(snapshot: dict, validation: dict) -> dict:
+        from ctrain import pipeline
+        from ctrain.settings import get_settings
+
+        # validation is an input for ordering only: unvalidated features never reach serving.
+        return pipeline.materialize_online(get_settings(), snapshot)
+
     @task(retries=2, retry_exponential_backoff=True)
     def train(snapshot: dict, validation: dict) -> dict:
         from airflow.sdk.exceptions import AirflowFailException
@@ -125,6 +133,7 @@ def continuous_training():
     snapshot = build_dataset()
     validation = validate(snapshot)
     training = train(snapshot, validation)
+    materialize_online(snapshot, validation)
     evaluation = evaluate(training, snapshot)
     registration = register(training, snapshot, validation, evaluation)
     decision = govern(evaluation, registration)

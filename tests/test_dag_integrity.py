@@ -46,6 +46,7 @@ def test_continuous_training_wiring(dagbag):
     order = ["build_dataset", "validate", "train", "evaluate", "register", "govern", "promote"]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream} missing"
+    assert dag.get_task("materialize_online").upstream_task_ids == {"build_dataset", "validate"}
     assert set(dag.params.keys()) >= {"start", "end", "trainer_overrides", "min_test_roc_auc"}
     # Scheduled on a cron OR the transactions asset.
     schedule = dag.timetable

@@ -168,3 +168,17 @@ def test_bad_data_fails_validation_and_nothing_is_trained(tmp_path):
     assert client.search_registered_models() == []
     fs, path = fsspec.core.url_to_fs(f"{settings.resolved_object_root}/checkpoints")
     assert not fs.exists(path)
+
+
+def test_online_store_serves_the_newest_offline_values(trained):
+    import pandas as pd
+
+    from ctrain.features import get_online_features
+
+    settings, *_ = trained
+    newest = datagen.list_partitions(settings.resolved_data_root, datagen.CUSTOMER_STATS)[-1]
+    offline = pd.read_parquet(datagen.partition_path(settings.resolved_data_root, datagen.CUSTOMER_STATS, newest))
+    row = offline.iloc[0]
+    online = get_online_features(settings, [{"customer_id": int(row["customer_id"]), "merchant_id": 0}])
+    assert online["customer_avg_amount_30d"][0] == pytest.approx(row["customer_avg_amount_30d"])
+    assert online["customer_chargeback_rate_90d"][0] == pytest.approx(row["customer_chargeback_rate_90d"])

@@ -44,6 +44,7 @@ def build_dataset(settings: Settings, start: str | None = None, end: str | None 
         "feature_service_hash": manifest["feature_service_hash"],
         "rows": {split: meta["rows"] for split, meta in manifest["splits"].items()},
         "source_partitions": _partition_summary(manifest),
+        "entity_window": manifest["entity_window"],
     }
 
 
@@ -70,6 +71,17 @@ def validate(settings: Settings, snapshot: dict[str, Any]) -> dict[str, Any]:
     report.raise_for_failure()
     return {"success": report.success, "result_id": report.result_id, "report_uri": report.report_uri,
             "docs_uri": report.docs_uri, "drift_reference": reference}
+
+
+def materialize_online(settings: Settings, snapshot: dict[str, Any]) -> dict[str, Any]:
+    """Load validated feature rows into the online store (SQLite here, Redis in production) so serving
+    reads the same features the model trained on. Incremental: Feast remembers what it loaded."""
+    from datetime import UTC, datetime, timedelta
+
+    from ctrain.features import materialize_incremental
+
+    end = datetime.fromisoformat(snapshot["entity_window"]["end"]).replace(tzinfo=UTC) + timedelta(days=1)
+    return {"materialized_until": end.isoformat(), "intervals": materialize_incremental(settings, end=end)}
 
 
 def champion_snapshot_uri(settings: Settings) -> str | None:

@@ -1,0 +1,351 @@
+"""Benchmark (not a test): what ctrain's checkpoints cost the training loop, and how fast they move bytes.
+
+    .venv/bin/python bench/checkpoint.py            # full run, about 3 minutes on 2 cores
+    .venv/bin/python bench/checkpoint.py --quick    # smoke run with a smaller model
+
+Every save and load goes through the trainer's own ``trainer.checkpoint.CheckpointManager`` (DCP through
+fsspec, sha256 manifest written last, retention) exactly as ``trainer.loop`` calls it, in one process
+without a process group (how the trainer runs at world size 1). The state is an MLP (256 -> 2048 x 3 -> 1,
+8.9M parameters) with its AdamW moments: about 107 MB of tensors per checkpoint.
+
+1. Blocking time per save, synchronous vs asynchronous, on ``file://``: the time the loop spends inside
+   ``save()`` with the previous save already committed (in the loop it is, one epoch earlier). The first
+   save of each manager is warm-up and dropped.
+2. Overhead at the default interval (one checkpoint per epoch, async, keep_last=2 + best): a real training
+   loop on synthetic data (AdamW, gradient clipping) runs with and without checkpoints, alternating round
+   by round; the first epoch of each run is dropped, so every measured epoch of the checkpointed run also
+   carries the previous save's background write. ``overhead_share`` = median epoch time with / without - 1.
+3. Throughput to ``file://`` (a temp dir) and ``s3://`` (a ``moto_server`` subprocess on 127.0.0.1, path
+   style, dummy credentials): a synchronous ``save()`` (DCP write, sha256 of every file, manifest, prune)
+   next to a plain copy of the same bytes as one file (``shutil.copy`` / ``fs.put``); a resume from a new
+   manager (``latest()``, which verifies the checksums, then ``load()``) next to a plain read of them
+   (``fs.cat_file``).
+
+Medians over ``--repeats``. The table is printed first; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.checkpoint import CheckpointManager
+from trainer.distributed import DistContext
+from trainer.storage import filesystem
+
+CTX = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+TARGET_ASYNC_OVER_SYNC = 0.10
+TARGET_OVERHEAD_SHARE = 0.02
+BUCKET = "ctrain-bench"
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Model and loop sizes (the defaults are the full run)."""
+
+    features: int = 256
+    hidden: int = 2048
+    layers: int = 3
+    batch: int = 64
+    steps_per_epoch: int = 30
+    epochs: int = 3  # per run; the first is warm-up
+    rounds: int = 2  # alternating with/without-checkpoint runs
+    repeats: int = 3  # saves/loads per throughput measurement
+    blocking_saves: int = 5  # measured saves per mode (after one warm-up)
+
+
+QUICK = Sizes(hidden=512, steps_per_epoch=10, epochs=2, rounds=1, repeats=2, blocking_saves=3)
+
+
+# ---- model and training ----------------------------------------------------------------------------
+def build(sizes: Sizes) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The MLP and AdamW after one step, so the optimizer state (both moments) exists."""
+    torch.manual_seed(SEED)
+    layers: list[nn.Module] = []
+    width = sizes.features
+    for _ in range(sizes.layers):
+        layers += [nn.Linear(width, sizes.hidden), nn.ReLU()]
+        width = sizes.hidden
+    model = nn.Sequential(*layers, nn.Linear(width, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    x, y = synthetic(sizes.batch, sizes.features)
+    train_step(model, optimizer, x, y)
+    return model, optimizer
+
+
+def synthetic(rows: int, features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(SEED)
+    x = torch.randn(rows, features, generator=generator)
+    return x, x[:, :8].sum(1) + 0.1 * torch.randn(rows, generator=generator)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = F.mse_loss(model(x).squeeze(-1), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def train_run(sizes: Sizes, manager: CheckpointManager | None) -> list[float]:
+    """Epoch times (train steps + the epoch-end ``save()`` call) of one run from a fresh model."""
+    model, optimizer = build(sizes)
+    x, y = synthetic(sizes.steps_per_epoch * sizes.batch, sizes.features)
+    generator = torch.Generator().manual_seed(SEED)
+    times, step = [], 0
+    for epoch in range(sizes.epochs):
+        started = time.perf_counter()
+        order = torch.randperm(len(x), generator=generator)
+        for idx in order.split(sizes.batch):
+            train_step(model, optimizer, x[idx], y[idx])
+            step += 1
+        if manager is not None:
+            manager.save(step, model, optimizer, {"epoch": epoch + 1}, best_step=step)
+        times.append(time.perf_counter() - started)
+    if manager is not None:
+        manager.close()
+    return times
+
+
+def new_manager(uri: str, *, async_save: bool) -> CheckpointManager:
+    """A manager with the default config's retention (keep_last=2, keep_best)."""
+    return CheckpointManager(
+        uri,
+        CTX,
+        config_hash="bench",
+        dataset_version="synthetic",
+        keep_last=2,
+        keep_best=True,
+        async_save=async_save,
+        allow_mismatch=False,
+    )
+
+
+# ---- measurements ----------------------------------------------------------------------------------
+def blocking(sizes: Sizes, uri: str, *, async_save: bool) -> tuple[list[float], list[float]]:
+    """Per save: seconds inside ``save()`` and seconds until the checkpoint is committed."""
+    model, optimizer = build(sizes)
+    manager = new_manager(uri, async_save=async_save)
+    blocked, committed = [], []
+    for step in range(1, sizes.blocking_saves + 2):
+        manager.wait()
+        started = time.perf_counter()
+        manager.save(step, model, optimizer, {"epoch": step}, best_step=None)
+        blocked.append(time.perf_counter() - started)
+        manager.wait()
+        committed.append(time.perf_counter() - started)
+    manager.close()
+    return blocked[1:], committed[1:]
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls."""
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+@dataclass
+class Throughput:
+    """Save/resume seconds next to plain copy/read seconds for one storage backend."""
+
+    nbytes: int
+    save_s: float
+    copy_s: float
+    resume_s: float
+    read_s: float
+
+
+def throughput(sizes: Sizes, uri: str, blob: Path | None, workdir: Path) -> tuple[Throughput, Path]:
+    """Measure one backend; ``blob`` (one file holding a checkpoint's bytes) is made on the first call."""
+    model, optimizer = build(sizes)
+    manager = new_manager(uri, async_save=False)
+    steps = iter(range(1, 1000))
+    manager.save(next(steps), model, optimizer, {}, best_step=None)  # warm-up
+    save_s = timed(lambda: manager.save(next(steps), model, optimizer, {}, best_step=None), sizes.repeats)
+    manager.close()
+    step = manager.last_saved_step
+    assert step is not None
+    fs, step_path = manager.fs, f"{manager.root}/{manager.step_uri(step).rsplit('/', 1)[-1]}"
+    nbytes = sum(fs.du(step_path, total=False).values())
+    if blob is None:
+        blob = workdir / "blob.bin"
+        with blob.open("wb") as out:
+            for name in sorted(fs.ls(step_path, detail=False)):
+                out.write(fs.cat_file(name))
+
+    def resume() -> None:
+        fresh = new_manager(uri, async_save=False)
+        found = fresh.latest()
+        assert found == step, f"latest() found {found}, expected {step}"
+        fresh.load(found, model, optimizer)
+        fresh.close()
+
+    resume_s = timed(resume, sizes.repeats)
+    copy_path = f"{manager.root}/plain-copy.bin"
+    if uri.startswith("file://"):
+        copy_s = timed(lambda: shutil.copy(blob, copy_path), sizes.repeats)
+    else:
+        copy_s = timed(lambda: fs.put_file(str(blob), copy_path), sizes.repeats)
+    read_s = timed(lambda: fs.cat_file(copy_path), sizes.repeats)
+    return Throughput(nbytes, save_s, copy_s, resume_s, read_s), blob
+
+
+# ---- S3 on loopback ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def moto_s3() -> Iterator[str]:
+    """A moto S3 server in a subprocess (so it does not share this process's GIL); yields a bucket URI."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto_server did not start on 127.0.0.1:{port}") from None
+                time.sleep(0.1)
+        os.environ.update(
+            {
+                "AWS_ACCESS_KEY_ID": "bench",
+                "AWS_SECRET_ACCESS_KEY": "bench",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "CTRAIN_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            }
+        )
+        uri = f"s3://{BUCKET}/checkpoints"
+        fs, _ = filesystem(uri)
+        fs.mkdir(BUCKET)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# ---- main ------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else Sizes()
+    workdir = Path(tempfile.mkdtemp(prefix="ctrain-bench-ckpt-"))
+    try:
+        report(sizes, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(sizes: Sizes, workdir: Path) -> None:
+    model, _ = build(sizes)
+    params = sum(p.numel() for p in model.parameters())
+
+    sync_blocked, _ = blocking(sizes, f"file://{workdir / 'sync'}", async_save=False)
+    async_blocked, async_committed = blocking(sizes, f"file://{workdir / 'async'}", async_save=True)
+    sync_s, async_s = statistics.median(sync_blocked), statistics.median(async_blocked)
+
+    plain, checkpointed = [], []
+    for round_ in range(sizes.rounds):
+        plain += train_run(sizes, None)[1:]
+        uri = f"file://{workdir / f'loop-{round_}'}"
+        checkpointed += train_run(sizes, new_manager(uri, async_save=True))[1:]
+    epoch_plain, epoch_ckpt = statistics.median(plain), statistics.median(checkpointed)
+    overhead_s = epoch_ckpt - epoch_plain
+
+    local, blob = throughput(sizes, f"file://{workdir / 'tp'}", None, workdir)
+    with moto_s3() as s3_uri:
+        s3, _ = throughput(sizes, s3_uri, blob, workdir)
+
+    mb = local.nbytes / 1e6
+    result = {
+        "async_over_sync_blocking": round(async_s / sync_s, 4),
+        "overhead_share": round(overhead_s / epoch_plain, 4),
+        "save_over_copy_file": round(local.save_s / local.copy_s, 3),
+        "save_over_copy_s3": round(s3.save_s / s3.copy_s, 3),
+        "load_over_copy_file": round(local.resume_s / local.read_s, 3),
+        "load_over_copy_s3": round(s3.resume_s / s3.read_s, 3),
+        "blocking_share": round(async_s / epoch_plain, 4),
+        "sync_blocking_s": round(sync_s, 4),
+        "async_blocking_s": round(async_s, 4),
+        "async_commit_s": round(statistics.median(async_committed), 4),
+        "epoch_s": round(epoch_plain, 3),
+        "epoch_with_checkpoint_s": round(epoch_ckpt, 3),
+        "checkpoint_mb": round(mb, 1),
+        "params": params,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+    print(
+        f"state: MLP {sizes.features}->{sizes.hidden}x{sizes.layers}->1, {params / 1e6:.1f}M params + AdamW "
+        f"= {mb:.1f} MB per checkpoint; epoch = {sizes.steps_per_epoch} steps x batch {sizes.batch}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    rule = "-" * 96
+    print(rule)
+    print(f"{'blocking per save (file://)':<44}{'seconds':>10}{'ratio':>12}{'target':>12}{'met':>8}")
+    print(f"{'  sync save()':<44}{sync_s:>10.3f}")
+    print(f"{'  async save() (copy + hand-off)':<44}{async_s:>10.3f}")
+    print(f"{'  async, until committed (background)':<44}{result['async_commit_s']:>10.3f}")
+    met = result["async_over_sync_blocking"] <= TARGET_ASYNC_OVER_SYNC
+    print(
+        f"{'  async / sync':<44}{'':>10}{result['async_over_sync_blocking']:>12.3f}"
+        f"{'<= ' + str(TARGET_ASYNC_OVER_SYNC):>12}{'yes' if met else 'NO':>8}"
+    )
+    print(rule)
+    print(f"{'overhead, 1 async checkpoint per epoch':<44}{'seconds':>10}{'share':>12}{'target':>12}{'met':>8}")
+    print(f"{'  epoch without checkpoints':<44}{epoch_plain:>10.3f}")
+    print(f"{'  epoch with checkpoint':<44}{epoch_ckpt:>10.3f}")
+    print(f"{'  of which blocked in save()':<44}{async_s:>10.3f}{result['blocking_share']:>12.4f}")
+    met = result["overhead_share"] <= TARGET_OVERHEAD_SHARE
+    print(
+        f"{'  overhead (with / without - 1)':<44}{overhead_s:>10.3f}{result['overhead_share']:>12.4f}"
+        f"{'<= ' + str(TARGET_OVERHEAD_SHARE):>12}{'yes' if met else 'NO':>8}"
+    )
+    print(rule)
+    print(f"{'throughput':<26}{'ctrain s':>10}{'MB/s':>9}{'plain s':>10}{'MB/s':>9}{'ratio':>9}  plain op")
+    for name, t, plain_op in (("file", local, "shutil.copy"), ("s3 (moto)", s3, "fs.put_file")):
+        rows = (
+            (f"save   {name}", t.save_s, t.copy_s, plain_op),
+            (f"resume {name}", t.resume_s, t.read_s, "fs.cat_file"),
+        )
+        for label, ours, ref, op in rows:
+            print(f"{label:<26}{ours:>10.3f}{mb / ours:>9.0f}{ref:>10.3f}{mb / ref:>9.0f}{ours / ref:>9.2f}  {op}")
+    print("(save = sync save(): DCP write + sha256 of every file + manifest; resume = latest() + load())")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
