@@ -36,11 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +48,9 @@ from torch import nn
 from trainer.checkpoint import CheckpointManager
 from trainer.distributed import DistContext
 from trainer.storage import filesystem
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 CTX = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 TARGET_ASYNC_OVER_SYNC = 0.10
@@ -69,10 +71,13 @@ class Sizes:
     epochs: int = 3  # per run; the first is warm-up
     rounds: int = 2  # alternating with/without-checkpoint runs
     repeats: int = 3  # saves/loads per throughput measurement
-    blocking_saves: int = 5  # measured saves per mode (after one warm-up)
+    blocking_saves: int = 5  # measured saves per mode on file:// (after one warm-up)
+    blocking_saves_s3: int = 3  # the same on s3://, where each save takes seconds
 
 
-QUICK = Sizes(hidden=512, steps_per_epoch=10, epochs=2, rounds=1, repeats=2, blocking_saves=3)
+QUICK = Sizes(
+    hidden=512, steps_per_epoch=10, epochs=2, rounds=1, repeats=2, blocking_saves=3, blocking_saves_s3=2
+)
 
 
 # ---- model and training ----------------------------------------------------------------------------
@@ -140,20 +145,36 @@ def new_manager(uri: str, *, async_save: bool) -> CheckpointManager:
 
 
 # ---- measurements ----------------------------------------------------------------------------------
-def blocking(sizes: Sizes, uri: str, *, async_save: bool) -> tuple[list[float], list[float]]:
-    """Per save: seconds inside ``save()`` and seconds until the checkpoint is committed."""
+@dataclass
+class Blocking:
+    """Medians per save on one backend: seconds inside ``save()`` sync and async, and async until committed."""
+
+    sync_s: float
+    async_s: float
+    commit_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.async_s / self.sync_s
+
+
+def blocking(sizes: Sizes, uri: str, saves: int) -> Blocking:
+    """Time ``saves`` saves per mode (after one warm-up), each with the previous one already committed."""
     model, optimizer = build(sizes)
-    manager = new_manager(uri, async_save=async_save)
-    blocked, committed = [], []
-    for step in range(1, sizes.blocking_saves + 2):
-        manager.wait()
-        started = time.perf_counter()
-        manager.save(step, model, optimizer, {"epoch": step}, best_step=None)
-        blocked.append(time.perf_counter() - started)
-        manager.wait()
-        committed.append(time.perf_counter() - started)
-    manager.close()
-    return blocked[1:], committed[1:]
+    medians = {}
+    for async_save in (False, True):
+        manager = new_manager(f"{uri}/{'async' if async_save else 'sync'}", async_save=async_save)
+        blocked, committed = [], []
+        for step in range(1, saves + 2):
+            manager.wait()
+            started = time.perf_counter()
+            manager.save(step, model, optimizer, {"epoch": step}, best_step=None)
+            blocked.append(time.perf_counter() - started)
+            manager.wait()
+            committed.append(time.perf_counter() - started)
+        manager.close()
+        medians[async_save] = statistics.median(blocked[1:]), statistics.median(committed[1:])
+    return Blocking(sync_s=medians[False][0], async_s=medians[True][0], commit_s=medians[True][1])
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:
@@ -272,9 +293,8 @@ def report(sizes: Sizes, workdir: Path) -> None:
     model, _ = build(sizes)
     params = sum(p.numel() for p in model.parameters())
 
-    sync_blocked, _ = blocking(sizes, f"file://{workdir / 'sync'}", async_save=False)
-    async_blocked, async_committed = blocking(sizes, f"file://{workdir / 'async'}", async_save=True)
-    sync_s, async_s = statistics.median(sync_blocked), statistics.median(async_blocked)
+    file_blocking = blocking(sizes, f"file://{workdir / 'blocking'}", sizes.blocking_saves)
+    async_s = file_blocking.async_s
 
     plain, checkpointed = [], []
     for round_ in range(sizes.rounds):
@@ -287,19 +307,22 @@ def report(sizes: Sizes, workdir: Path) -> None:
     local, blob = throughput(sizes, f"file://{workdir / 'tp'}", None, workdir)
     with moto_s3() as s3_uri:
         s3, _ = throughput(sizes, s3_uri, blob, workdir)
+        s3_blocking = blocking(sizes, f"{s3_uri}/blocking", sizes.blocking_saves_s3)
 
     mb = local.nbytes / 1e6
     result = {
-        "async_over_sync_blocking": round(async_s / sync_s, 4),
+        "async_over_sync_blocking": round(file_blocking.ratio, 4),
+        "async_over_sync_blocking_s3": round(s3_blocking.ratio, 4),
         "overhead_share": round(overhead_s / epoch_plain, 4),
         "save_over_copy_file": round(local.save_s / local.copy_s, 3),
         "save_over_copy_s3": round(s3.save_s / s3.copy_s, 3),
         "load_over_copy_file": round(local.resume_s / local.read_s, 3),
         "load_over_copy_s3": round(s3.resume_s / s3.read_s, 3),
         "blocking_share": round(async_s / epoch_plain, 4),
-        "sync_blocking_s": round(sync_s, 4),
-        "async_blocking_s": round(async_s, 4),
-        "async_commit_s": round(statistics.median(async_committed), 4),
+        "sync_blocking_s": {"file": round(file_blocking.sync_s, 4), "s3": round(s3_blocking.sync_s, 4)},
+        "async_blocking_s": {"file": round(async_s, 4), "s3": round(s3_blocking.async_s, 4)},
+        "async_commit_s": {"file": round(file_blocking.commit_s, 4), "s3": round(s3_blocking.commit_s, 4)},
+        "break_even_epoch_s": round(max(overhead_s, async_s) / TARGET_OVERHEAD_SHARE, 1),
         "epoch_s": round(epoch_plain, 3),
         "epoch_with_checkpoint_s": round(epoch_ckpt, 3),
         "checkpoint_mb": round(mb, 1),
@@ -315,17 +338,20 @@ def report(sizes: Sizes, workdir: Path) -> None:
     )
     rule = "-" * 96
     print(rule)
-    print(f"{'blocking per save (file://)':<44}{'seconds':>10}{'ratio':>12}{'target':>12}{'met':>8}")
-    print(f"{'  sync save()':<44}{sync_s:>10.3f}")
-    print(f"{'  async save() (copy + hand-off)':<44}{async_s:>10.3f}")
-    print(f"{'  async, until committed (background)':<44}{result['async_commit_s']:>10.3f}")
-    met = result["async_over_sync_blocking"] <= TARGET_ASYNC_OVER_SYNC
-    print(
-        f"{'  async / sync':<44}{'':>10}{result['async_over_sync_blocking']:>12.3f}"
-        f"{'<= ' + str(TARGET_ASYNC_OVER_SYNC):>12}{'yes' if met else 'NO':>8}"
-    )
+    print(f"{'blocking per save':<44}{'seconds':>10}{'ratio':>12}{'target':>12}{'met':>8}")
+    for name, measured in (("file", file_blocking), ("s3", s3_blocking)):
+        print(f"{'  ' + name + ': sync save()':<44}{measured.sync_s:>10.3f}")
+        print(f"{'  ' + name + ': async save() (state copy + hand-off)':<44}{measured.async_s:>10.3f}")
+        print(f"{'  ' + name + ': async, until committed (background)':<44}{measured.commit_s:>10.3f}")
+        met = measured.ratio <= TARGET_ASYNC_OVER_SYNC
+        print(
+            f"{'  ' + name + ': async / sync':<44}{'':>10}{measured.ratio:>12.3f}"
+            f"{'<= ' + str(TARGET_ASYNC_OVER_SYNC):>12}{'yes' if met else 'NO':>8}"
+        )
     print(rule)
-    print(f"{'overhead, 1 async checkpoint per epoch':<44}{'seconds':>10}{'share':>12}{'target':>12}{'met':>8}")
+    print(
+        f"{'overhead, 1 async checkpoint per epoch':<44}{'seconds':>10}{'share':>12}{'target':>12}{'met':>8}"
+    )
     print(f"{'  epoch without checkpoints':<44}{epoch_plain:>10.3f}")
     print(f"{'  epoch with checkpoint':<44}{epoch_ckpt:>10.3f}")
     print(f"{'  of which blocked in save()':<44}{async_s:>10.3f}{result['blocking_share']:>12.4f}")
@@ -342,8 +368,14 @@ def report(sizes: Sizes, workdir: Path) -> None:
             (f"resume {name}", t.resume_s, t.read_s, "fs.cat_file"),
         )
         for label, ours, ref, op in rows:
-            print(f"{label:<26}{ours:>10.3f}{mb / ours:>9.0f}{ref:>10.3f}{mb / ref:>9.0f}{ours / ref:>9.2f}  {op}")
+            print(
+                f"{label:<26}{ours:>10.3f}{mb / ours:>9.0f}{ref:>10.3f}{mb / ref:>9.0f}{ours / ref:>9.2f}  {op}"
+            )
     print("(save = sync save(): DCP write + sha256 of every file + manifest; resume = latest() + load())")
+    print(
+        f"overhead_share would be <= {TARGET_OVERHEAD_SHARE} for epochs of at least "
+        f"{result['break_even_epoch_s']} s at this checkpoint size (async_over_sync_blocking is file://)"
+    )
     print(json.dumps(result))
 
 
