@@ -23,7 +23,7 @@ demo: install
 
 ## test: the whole suite (slow end-to-end tests included)
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 ## test-fast: skip the slow end-to-end tests
 test-fast: install

@@ -16,8 +16,8 @@ and a validation pass per epoch computing loss, ROC AUC, PR AUC and accuracy.
   ModelCheckpoint every epoch, no logger, fed whole index batches (no per-sample collation, so the
   comparison measures the framework rather than the DataLoader).
 
-Single-process variants run with 1 intra-op thread each and alternate round by round, so load from other
-processes on the machine hits all of them alike. The first epoch of every run is warm-up and dropped; the
+Every variant runs in a fresh process with 1 intra-op thread, and the variants alternate round by round,
+so start-up state and load from other processes on the machine hit all of them alike. The first epoch of every run is warm-up and dropped; the
 reported number is the median of the remaining epoch times. DDP compares 2 processes x 1 thread against
 1 process x 2 threads at the same global batch (512).
 
@@ -287,6 +287,27 @@ def run_ours(
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
+# ---- one variant per fresh process -------------------------------------------------------------------
+def run_isolated(variant: str, snapshot_dir: Path, batch: int, epochs: int, workdir: Path) -> list[float]:
+    """Run raw or lightning in a fresh single-threaded process, as ours runs, so all start alike."""
+    cmd = [sys.executable, __file__, "--variant", variant, "--snapshot", str(snapshot_dir)]
+    cmd += ["--batch", str(batch), "--epochs", str(epochs), "--workdir", str(workdir)]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def variant_main(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    data = load_tensors(Path(args.snapshot))
+    if args.variant == "raw":
+        times = run_raw(data, args.batch, args.epochs)
+    else:
+        times = run_lightning(data, args.batch, args.epochs, Path(tempfile.mkdtemp(dir=args.workdir)))
+    print(json.dumps(times))
+
+
 # ---- main ------------------------------------------------------------------------------------------
 def steady(times: list[float]) -> list[float]:
     return times[1:] if len(times) > 1 else times
@@ -294,11 +315,18 @@ def steady(times: list[float]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="train rows (val/test: a tenth each)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (the first is warm-up)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per batch size")
+    parser.add_argument("--rows", type=int, default=500_000, help="train rows (val/test: a tenth each)")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per run (the first is warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size")
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--variant", choices=["raw", "lightning"], help=argparse.SUPPRESS)
+    parser.add_argument("--snapshot", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.variant:
+        variant_main(args)
+        return
     if args.quick:
         args.rows, args.epochs, args.rounds = 100_000, 2, 1
     torch.set_num_threads(1)
@@ -306,15 +334,16 @@ def main() -> None:
     snapshot_dir = workdir / "snapshot"
     snapshot_dir.mkdir()
     snapshot_uri = write_snapshot(snapshot_dir, args.rows)
-    data = load_tensors(snapshot_dir)
 
     medians: dict[str, dict[int, float]] = {"raw": {}, "ours": {}, "lightning": {}}
     for batch in (512, 64):
         samples: dict[str, list[float]] = {name: [] for name in medians}
         for _ in range(args.rounds):
-            samples["raw"] += steady(run_raw(data, batch, args.epochs))
+            samples["raw"] += steady(run_isolated("raw", snapshot_dir, batch, args.epochs, workdir))
             samples["ours"] += steady(run_ours(snapshot_uri, batch, args.epochs, workdir))
-            samples["lightning"] += steady(run_lightning(data, batch, args.epochs, workdir))
+            samples["lightning"] += steady(
+                run_isolated("lightning", snapshot_dir, batch, args.epochs, workdir)
+            )
         for name, values in samples.items():
             medians[name][batch] = statistics.median(values)
 

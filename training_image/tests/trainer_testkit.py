@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import psutil
 from mlflow import MlflowClient
 from safetensors.torch import load_file
 
@@ -145,9 +146,19 @@ class TrainerRun:
         }
         if "MLFLOW_RUN_ID" not in (env or {}):
             full_env.pop("MLFLOW_RUN_ID", None)
-        return subprocess.run(
-            cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=self.tmp
-        )
+        with subprocess.Popen(
+            cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.tmp
+        ) as proc:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                # torchrun's workers run in sessions of their own: kill the whole tree we started.
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    child.kill()
+                proc.kill()
+                _, stderr = proc.communicate()
+                raise AssertionError(f"trainer timed out after {timeout}s:\n{stderr[-4000:]}") from None
+        return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
     def result(self) -> dict[str, Any]:
         return json.loads((self.tmp / "output" / "result.json").read_text())

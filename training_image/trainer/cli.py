@@ -63,22 +63,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(cfg: TrainerConfig) -> int:
-    """Train with ``cfg`` in this process (one torchrun worker); returns the exit code."""
+    """Train with ``cfg`` in this process; returns the exit code (a torchrun worker exits instead)."""
     from trainer.loop import Trainer
 
     ctx = None
     trainer: Trainer | None = None
     try:
         ctx = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_s)
-        if _already_done(cfg):
-            return EXIT_OK
-        trainer = Trainer(cfg, ctx)
-        result = trainer.fit()
-        if ctx.is_main:
-            write_result(cfg.output.uri, result)
-            trainer.tracker.finish("FINISHED")
-            log.info("done: %s", json.dumps(result["metrics"], sort_keys=True))
-        return EXIT_OK
+        if not _already_done(cfg):
+            trainer = Trainer(cfg, ctx)
+            result = trainer.fit()
+            if ctx.is_main:
+                write_result(cfg.output.uri, result)
+                trainer.tracker.finish("FINISHED")
+                log.info("done: %s", json.dumps(result["metrics"], sort_keys=True))
+        code = EXIT_OK
     except Exception as exc:
         code = exit_code_for(exc)
         if isinstance(exc, TrainerError):
@@ -95,9 +94,15 @@ def run(cfg: TrainerConfig) -> int:
                 distributed.signal_done(ctx, FAILURE_RECORDED)
         else:
             distributed.wait_done(ctx, FAILURE_RECORDED, timeout_s=60)
-        return code
-    finally:
-        distributed.shutdown()
+    if ctx is not None and ctx.is_distributed:
+        # Leave without freeing DDP and the process groups: after a peer died mid-collective,
+        # ProcessGroupGloo's destructor (holding the GIL) and its worker thread (waiting for the
+        # GIL) deadlock, and the worker would never exit. Everything that matters is closed by now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def exit_code_for(exc: BaseException) -> int:

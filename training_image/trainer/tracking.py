@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import mlflow
@@ -38,6 +39,7 @@ class Tracker:
         self._client: MlflowClient | None = None
         self._last_step: dict[str, int] = {}  # metric key -> highest step already in the run
         self._buffer: list[Metric] = []
+        self._params: dict[str, str] = {}  # params the run already has (a resumed or handed-in run)
         self._flushed_at = time.monotonic()
 
     def start(self, resume_run_id: str | None) -> str | None:
@@ -56,13 +58,21 @@ class Tracker:
         self._client = MlflowClient()
         if run_id is not None:
             self._last_step = _logged_steps(self._client, self.run_id)
+            self._params = dict(self._client.get_run(self.run_id).data.params)
         return self.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params (values are stringified and truncated to MLflow's limit)."""
         if not self.enabled:
             return
-        items = [(k, str(v)[:_PARAM_MAX]) for k, v in params.items()]
+        items = []
+        for key, value in params.items():
+            text = str(value)[:_PARAM_MAX]
+            previous = self._params.get(key)
+            if previous is None:
+                items.append((key, text))
+            elif previous != text:  # MLflow params are immutable; a resume may change a few
+                log.warning("param %s was %r in this run and is now %r (not re-logged)", key, previous, text)
         for start in range(0, len(items), _PARAM_BATCH):
             mlflow.log_params(dict(items[start : start + _PARAM_BATCH]))
 
@@ -74,7 +84,10 @@ class Tracker:
         """Record the snapshot as the run's training dataset input (digest = dataset version)."""
         if not self.enabled:
             return
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest, targets=targets)
+        with warnings.catch_warnings():
+            # file:// sources match two equivalent resolvers in MLflow's registry; either is right.
+            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+            dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest, targets=targets)
         mlflow.log_input(dataset, context="training")
 
     def log_metrics(self, metrics: dict[str, float], step: int, *, buffered: bool = False) -> None:
