@@ -14,7 +14,7 @@ from torch import nn
 
 from trainer.checkpoint import CheckpointManager
 from trainer.distributed import DistContext
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, RetryableError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -147,35 +147,49 @@ def test_pickle_bearing_checkpoint_is_refused_and_runs_nothing(tmp_path: Path) -
     assert not marker.exists()
 
 
-@pytest.fixture
-def s3_uri(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A bucket on a real S3 HTTP endpoint on loopback (moto server)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-    from trainer_testkit import free_port
+class S3Endpoint:
+    """A moto S3 server on loopback that a test can take away and bring back (state is kept)."""
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+    def __init__(self) -> None:
+        from trainer_testkit import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server: Any = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Endpoint]:
+    """A bucket "ckpt" on a real S3 HTTP endpoint on loopback (moto server)."""
+    import boto3
+
+    endpoint = S3Endpoint()
+    endpoint.start()
     for key, value in {
         "AWS_ACCESS_KEY_ID": "test",
         "AWS_SECRET_ACCESS_KEY": "test",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "CTRAIN_S3_ENDPOINT_URL": endpoint,
+        "CTRAIN_S3_ENDPOINT_URL": endpoint.url,
     }.items():
         monkeypatch.setenv(key, value)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ckpt")
-    import fsspec
-
-    fsspec.config.conf.pop("s3", None)
-    yield "s3://ckpt/runs/key"
-    server.stop()
+    boto3.client("s3", endpoint_url=endpoint.url).create_bucket(Bucket="ckpt")
+    yield endpoint
+    endpoint.stop()
 
 
-def test_s3_round_trip_through_the_http_endpoint(s3_uri: str) -> None:
-    model, optimizer = save_steps(manager(s3_uri), [10, 20])
-    fresh = manager(s3_uri)
+def test_s3_round_trip_through_the_http_endpoint(s3: S3Endpoint) -> None:
+    uri = "s3://ckpt/runs/key"
+    model, optimizer = save_steps(manager(uri), [10, 20])
+    fresh = manager(uri)
     assert fresh.latest() == 20
     other_model, other_opt = trained_pair(seed=5)
     fresh.load(20, other_model, other_opt)
@@ -183,3 +197,14 @@ def test_s3_round_trip_through_the_http_endpoint(s3_uri: str) -> None:
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), other_model.state_dict().values(), strict=True)
     )
+
+
+def test_s3_outage_during_save_is_retryable_and_never_becomes_latest(s3: S3Endpoint) -> None:
+    uri = "s3://ckpt/runs/outage"
+    mgr = manager(uri, async_save=False)
+    model, optimizer = save_steps(mgr, [10])
+    s3.stop()  # the endpoint goes away mid-run
+    with pytest.raises(RetryableError, match="checkpoint storage"):
+        mgr.save(20, model, optimizer, {"loop": {}}, best_step=None)
+    s3.start()  # back, with its state: a rerun resumes from the last committed step
+    assert manager(uri).latest() == 10

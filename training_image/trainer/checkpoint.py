@@ -13,6 +13,7 @@ sha256 has been checked against the manifest.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -35,12 +36,15 @@ from trainer.errors import CheckpointError, RetryableError
 from trainer.storage import filesystem, join, storage_options
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from torch import nn
     from torch.distributed.checkpoint.metadata import Metadata
 
     from trainer.distributed import DistContext
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # A single-process run deliberately has no process group; DCP warns about that on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -186,7 +190,9 @@ class CheckpointManager:
                 self.fs.makedirs(path, exist_ok=True)
                 state = {**state, "optimizer_param_groups": optim_sd["param_groups"]}
                 self.fs.pipe_file(f"{path}/{TRAINER_STATE}", json.dumps(state, indent=1).encode())
-        except OSError as exc:
+        except (CheckpointError, RetryableError):
+            raise
+        except Exception as exc:
             raise _storage_error(self.step_uri(step), exc) from exc
         distributed.barrier()
         writer = FsspecWriter(self.step_uri(step), sync_files=False, **storage_options(self.uri))
@@ -196,12 +202,18 @@ class CheckpointManager:
                 response = dcp.async_save(
                     tensors, storage_writer=writer, process_group=group, no_dist=no_dist
                 )
+                # Training may only change the tensors once they are copied (staged).
+                staging = getattr(response, "staging_completion", None)
+                if staging is not None:
+                    staging.result()
                 upload: Future[Any] = getattr(response, "upload_completion", response)
             else:
                 dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=no_dist)
                 upload = Future()
                 upload.set_result(None)
-        except OSError as exc:
+        except (CheckpointError, RetryableError):
+            raise
+        except Exception as exc:
             raise _storage_error(self.step_uri(step), exc) from exc
         self._pending = self._committer.submit(self._commit, step, upload, best_step)
         self.last_saved_step = step
@@ -219,11 +231,11 @@ class CheckpointManager:
                 error = exc
             self._pending = None
         if distributed.any_rank(error is not None, self.ctx.device):
-            if isinstance(error, OSError):
-                raise _storage_error(self.uri, error) from error
             if isinstance(error, CheckpointError | RetryableError):
                 raise error
-            raise CheckpointError(f"checkpoint save under {self.uri} failed: {error or 'on another rank'}")
+            if error is None:
+                raise RetryableError(f"checkpoint save under {self.uri} failed on another rank")
+            raise _storage_error(self.uri, error) from error
 
     def drain(self) -> None:
         """On the failure path: let this rank's pending save finish, without collectives (peers may be
@@ -247,7 +259,15 @@ class CheckpointManager:
         upload.result()
         if not self.ctx.is_main:
             return
+        _with_retries(lambda: self._write_manifest(step, best_step), f"commit of {self.step_uri(step)}")
+        try:
+            self._prune(best_step)
+        except Exception:  # a failed prune leaves extra checkpoints, never a wrong one: carry on
+            log.exception("pruning old checkpoints under %s failed", self.uri)
+
+    def _write_manifest(self, step: int, best_step: int | None) -> None:
         path = self._step_path(step)
+        self.fs.invalidate_cache(path)
         files = {}
         for entry in sorted(self.fs.ls(path, detail=False)):
             name = entry.rstrip("/").rsplit("/", 1)[-1]
@@ -264,7 +284,6 @@ class CheckpointManager:
         }
         # The manifest is the commit marker: one small object written after every file it lists.
         self.fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
-        self._prune(best_step)
 
     def _prune(self, best_step: int | None) -> None:
         committed = [s for s in self.steps_on_storage() if self.fs.exists(f"{self._step_path(s)}/{MANIFEST}")]
@@ -398,8 +417,24 @@ class CheckpointManager:
                 process_group=self.ctx.checkpoint_group,
                 no_dist=not self.ctx.is_distributed,
             )
-        except OSError as exc:
+        except (CheckpointError, RetryableError):
+            raise
+        except Exception as exc:
             raise _storage_error(self.step_uri(step), exc) from exc
+
+
+def _with_retries(action: Callable[[], T], what: str, attempts: int = 4, first_delay_s: float = 0.5) -> T:
+    """Run a storage action, retrying transient failures with exponential backoff."""
+    for attempt in range(attempts - 1):
+        try:
+            return action()
+        except Exception as exc:
+            if isinstance(_storage_error("", exc), CheckpointError):
+                raise
+            delay = first_delay_s * 2**attempt
+            log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
+            time.sleep(delay)
+    return action()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -434,8 +469,29 @@ def _sha256(fs: Any, path: str) -> str:
     return digest.hexdigest()
 
 
-def _storage_error(uri: str, exc: OSError) -> Exception:
-    """Permission / space problems are terminal; anything else on storage is treated as transient."""
-    if isinstance(exc, PermissionError) or getattr(exc, "errno", None) in (28, 30):  # ENOSPC, EROFS
-        return CheckpointError(f"checkpoint destination {uri} is not writable: {exc}")
-    return RetryableError(f"checkpoint storage {uri} failed: {exc}")
+def _storage_error(uri: str, exc: BaseException) -> Exception:
+    """A failed storage operation as the error the run ends with.
+
+    Permission and space problems (anywhere in the cause chain, or in any rank's failure inside DCP's
+    CheckpointException) are terminal; anything else - endpoint unreachable, timeouts, throttling - is
+    retryable: the uncommitted checkpoint has no manifest, and a rerun resumes from the last one.
+    """
+    for cause in _causes(exc):
+        if isinstance(cause, PermissionError) or getattr(cause, "errno", None) in (errno.ENOSPC, errno.EROFS):
+            return CheckpointError(f"checkpoint destination {uri} is not writable: {cause}")
+    return RetryableError(f"checkpoint storage {uri} failed: {type(exc).__name__}: {exc}")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    found: list[BaseException] = []
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current in found:
+            continue
+        found.append(current)
+        stack += [c for c in (current.__cause__, current.__context__) if c is not None]
+        failures = getattr(current, "failures", None)  # torch's CheckpointException: rank -> error
+        if isinstance(failures, dict):
+            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+    return found

@@ -228,14 +228,17 @@ class Trainer:
         if self.checkpoints.events:
             tags["checkpoint_events"] = " | ".join(self.checkpoints.events)
         self.tracker.set_tags(tags)
-        if self.ctx.is_main and self._resumed_from is None:
-            frame = _split_frame(snap.train, snap.feature_columns, snap.manifest["label_column"])
+        if self._resumed_from is None:
+            label = snap.manifest["label_column"]
+            columns = {c: "float" for c in snap.feature_columns}
+            columns[label] = "double" if self.task.type == "regression" else "long"
+            rows = {f"rows.{name}": str(len(getattr(snap, name))) for name in ("train", "val", "test")}
             self.tracker.log_dataset(
-                frame,
                 source=snap.uri,
                 name=f"{snap.manifest.get('feature_service', 'dataset')}@{snap.dataset_version[:12]}",
                 digest=snap.dataset_version,
-                targets=snap.manifest["label_column"],
+                columns=columns,
+                tags={**rows, "feature_service": str(snap.manifest.get("feature_service", ""))},
             )
 
     # ------------------------------------------------------------------------------------------
@@ -558,11 +561,3 @@ def _build_scheduler(
             optimizer, mode=mode, factor=cfg.gamma, patience=cfg.plateau_patience
         )
     return None
-
-
-def _split_frame(split: Split, feature_columns: list[str], label: str) -> Any:
-    import pandas as pd
-
-    frame = pd.DataFrame(split.features.numpy(), columns=feature_columns)
-    frame[label] = split.labels.numpy()
-    return frame

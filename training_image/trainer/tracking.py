@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric, RunStatus
+from mlflow.types import ColSpec, Schema
 
 if TYPE_CHECKING:
-    import pandas as pd
-
     from trainer.config import TrackingConfig
 
 log = logging.getLogger(__name__)
@@ -80,15 +81,21 @@ class Tracker:
         if self.enabled:
             mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
-    def log_dataset(self, frame: pd.DataFrame, *, source: str, name: str, digest: str, targets: str) -> None:
-        """Record the snapshot as the run's training dataset input (digest = dataset version)."""
+    def log_dataset(
+        self, *, source: str, name: str, digest: str, columns: dict[str, str], tags: dict[str, str]
+    ) -> None:
+        """Record the snapshot as the run's training input: its URI, digest (= dataset version),
+        column schema and ``tags`` (row counts...). Metadata only: inferring a schema from the
+        data itself would cost MLflow tens of seconds per million rows."""
         if not self.enabled:
             return
         with warnings.catch_warnings():
             # file:// sources match two equivalent resolvers in MLflow's registry; either is right.
             warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest, targets=targets)
-        mlflow.log_input(dataset, context="training")
+            resolved = resolve_dataset_source(source)
+        schema = Schema([ColSpec(kind, column) for column, kind in columns.items()])
+        dataset = MetaDataset(resolved, name=name, digest=digest, schema=schema)
+        mlflow.log_input(dataset, context="training", tags=tags)
 
     def log_metrics(self, metrics: dict[str, float], step: int, *, buffered: bool = False) -> None:
         """Log metrics at ``step``, skipping keys whose step the run already holds (resume).
