@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import fsspec
-
-
-def read_manifest(snapshot_uri: str) -> dict[str, Any]:
-    with fsspec.open(f"{snapshot_uri}/manifest.json", "r") as fh:
-        return json.load(fh)
 
 
 def read_split(snapshot_uri: str, split: str):
     import pandas as pd
+
+    from ctrain.features import read_manifest
 
     manifest = read_manifest(snapshot_uri)
     with fsspec.open(f"{snapshot_uri}/{manifest['splits'][split]['file']}", "rb") as fh:

@@ -162,7 +162,8 @@ def _read_result(output_uri: str) -> dict[str, Any] | None:
 
 def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, Any]) -> dict[str, Any]:
     """Score the new model and the champion on the same test split, from their MLflow models."""
-    from ctrain.evaluation import input_names, load_model, read_manifest, score_model
+    from ctrain.evaluation import input_names, load_model, score_model
+    from ctrain.features import read_manifest
 
     challenger = score_model(load_model(training["model_uri"]), snapshot["uri"])
     logged = training["metrics"]["test_roc_auc"]
