@@ -2,13 +2,21 @@
 
 Layout: ``{checkpoint.uri}/step-{N:08d}/`` holds the DCP files (tensors only: model, optimizer state,
 per-rank RNG), ``trainer_state.json`` (counters, early-stopping state, scheduler, optimizer
-hyper-parameters, MLflow run id) and, written last by rank 0, ``manifest.json`` with the sha256 of
-every other file, the step, config hash, world size and dataset version. A step directory without a
+hyper-parameters, MLflow run id) and, written last by rank 0, ``manifest.json`` with the sha256 and size
+of every other file, the step, config hash, world size and dataset version. A step directory without a
 valid manifest does not exist as far as :meth:`CheckpointManager.latest` is concerned.
 
-Nothing from storage is unpickled freely: tensors are read with ``torch.load(weights_only=True)`` by
-DCP, non-tensor state is JSON, and DCP's ``.metadata`` goes through an allow-list unpickler, after its
-sha256 has been checked against the manifest.
+Saving never reads a file back: every byte DCP writes goes through a hashing stream, each rank's digests
+travel to the coordinator with DCP's own write results, and rank 0 writes the manifest from them. With
+``async_save`` the copy of the state (staging) also runs in the background: :meth:`CheckpointManager.save`
+registers an optimizer step pre-hook, so the next ``optimizer.step()`` - the first thing that changes the
+saved tensors - waits for the copy; the forward and backward in between overlap with it.
+
+Loading reads each file whole, once, and checks its sha256 before DCP sees a byte of it. ``latest()``
+verifies the newest candidate on rank 0 and keeps its bytes, which ``load()`` then uses on rank 0, so the
+verification is the read. Nothing from storage is unpickled freely: tensors are read with
+``torch.load(weights_only=True)`` by DCP, non-tensor state is JSON, and DCP's ``.metadata`` goes through
+an allow-list unpickler, after its sha256 has been checked against the manifest.
 """
 
 from __future__ import annotations
@@ -18,28 +26,39 @@ import hashlib
 import io
 import json
 import logging
+import os
 import pickle
+import threading
 import time
+import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _DcpFsspecFileSystem
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.storage import WriteResult
 
 from trainer import distributed
-from trainer.errors import CheckpointError, RetryableError
+from trainer.errors import CheckpointError, RetryableError, TrainerError
 from trainer.storage import filesystem, join, storage_options
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from torch import nn
     from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+    from torch.utils.hooks import RemovableHandle
 
     from trainer.distributed import DistContext
 
@@ -52,10 +71,15 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 _STEP_PREFIX = "step-"
+_DIGESTS_FQN = "__ctrain_file_digests__"  # marker write result carrying a rank's file digests
 
 
 def step_dir_name(step: int) -> str:
     return f"{_STEP_PREFIX}{step:08d}"
+
+
+def _basename(path: str | os.PathLike[str]) -> str:
+    return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -87,13 +111,149 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"checkpoint metadata references {module}.{name}, which is not allowed")
 
 
+def _parse_metadata(blob: bytes) -> Metadata:
+    """DCP ``.metadata`` through the allow-list unpickler (raises UnpicklingError for anything else)."""
+    try:
+        return _MetadataUnpickler(io.BytesIO(blob)).load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as exc:  # truncated or garbage bytes surface as many exception types
+        raise pickle.UnpicklingError(f"unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
+
+
+# ---- writing: hash every byte on its way out -----------------------------------------------------
+class _HashingStream:
+    """Write-only file wrapper that feeds every byte written into a sha256."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        written = self.raw.write(view)
+        if written is not None and written != view.nbytes:
+            raise OSError(errno.EIO, f"short write ({written} of {view.nbytes} bytes)")
+        self.sha256.update(view)  # releases the GIL for large buffers
+        self.size += view.nbytes
+        return view.nbytes
+
+    def writable(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:  # tell, flush, close, fileno, ...
+        return getattr(self.raw, name)
+
+
+class _HashingFileSystem(_DcpFsspecFileSystem):
+    """DCP's fsspec filesystem, recording ``name -> (sha256, size)`` of every file it finishes writing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: dict[str, tuple[str, int]] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        if "w" not in mode:
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as stream:
+            hashing = _HashingStream(stream)
+            yield hashing
+        # Recorded only once the file is closed, i.e. flushed (local) or uploaded (S3).
+        with self._lock:
+            self.written[_basename(path)] = (hashing.sha256.hexdigest(), hashing.size)
+
+    def rename(self, path: str | os.PathLike[str], new_path: str | os.PathLike[str]) -> None:
+        super().rename(path, new_path)  # DCP writes .metadata.tmp, then renames it
+        with self._lock:
+            if _basename(path) in self.written:
+                self.written[_basename(new_path)] = self.written.pop(_basename(path))
+
+
+class _HashingWriter(FsspecWriter):
+    """FsspecWriter whose files are hashed while written; after ``finish`` (on the coordinator)
+    :attr:`files` holds ``name -> (sha256, size)`` for every rank's files and ``.metadata``."""
+
+    def __init__(self, path: str, **options: Any) -> None:
+        super().__init__(path, sync_files=False, **options)
+        self.fs = _HashingFileSystem()
+        self.path = self.fs.init_path(path, **options)
+        self.files: dict[str, tuple[str, int]] = {}
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> torch.futures.Future[list[WriteResult]]:
+        done = super().write_data(plan, planner)
+        done.wait()
+        # This rank's digests ride along with its write results to the coordinator (in memory, over
+        # the process group), which strips them again in finish().
+        digests = WriteResult(
+            index=MetadataIndex(f"{_DIGESTS_FQN}{self.rank}"),
+            size_in_bytes=0,
+            storage_data=dict(self.fs.written),
+        )
+        future: torch.futures.Future[list[WriteResult]] = torch.futures.Future()
+        future.set_result([*done.value(), digests])
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        kept = []
+        for rank_results in results:
+            kept.append([r for r in rank_results if not r.index.fqn.startswith(_DIGESTS_FQN)])
+            for r in rank_results:
+                if r.index.fqn.startswith(_DIGESTS_FQN):
+                    self.files.update(r.storage_data)
+        super().finish(metadata, kept)
+        self.files[".metadata"] = self.fs.written[".metadata"]
+
+
+# ---- reading: each file whole, once, checked against the manifest ------------------------------
+class _VerifyingFileSystem(_DcpFsspecFileSystem):
+    """DCP's fsspec filesystem for reading: a file is read whole and served only if its sha256 is the
+    one in the manifest (bytes ``latest()`` already verified are served from ``verified``)."""
+
+    def __init__(self, uri: str, expected: dict[str, str], verified: dict[str, bytes]) -> None:
+        super().__init__()
+        self.uri = uri
+        self.expected = expected
+        self.verified = verified
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+        if "r" not in mode:
+            raise CheckpointError(f"checkpoint {self.uri} is opened for reading only")
+        name = _basename(path)
+        if name not in self.expected:
+            raise CheckpointError(f"checkpoint {self.uri}: {name} is not listed in its manifest; refused")
+        blob = self.verified.get(name)
+        if blob is None:
+            assert self.fs is not None
+            blob = self.fs.cat_file(os.fspath(path))
+            if hashlib.sha256(blob).hexdigest() != self.expected[name]:
+                raise CheckpointError(
+                    f"checkpoint {self.uri}: {name} does not match its sha256 in manifest.json (corrupt); "
+                    "delete this step directory to resume from the previous checkpoint"
+                )
+            self.verified[name] = blob
+        yield io.BytesIO(blob)
+
+
 class _SafeReader(FsspecReader):
-    """FsspecReader whose metadata is read with the allow-list unpickler."""
+    """FsspecReader that verifies every file it reads and parses ``.metadata`` with the allow-list
+    unpickler."""
+
+    def __init__(self, uri: str, expected: dict[str, str], verified: dict[str, bytes]) -> None:
+        options = storage_options(uri)
+        super().__init__(uri, **options)
+        self.fs = _VerifyingFileSystem(uri, expected, verified)
+        self.path = self.fs.init_path(uri, **options)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
-            metadata = _MetadataUnpickler(io.BytesIO(stream.read())).load()
+            metadata = _parse_metadata(stream.read())
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         if getattr(metadata, "storage_meta", None) is None:
@@ -110,6 +270,15 @@ class Verdict:
     valid: bool
     reason: str = ""
     manifest: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Pending:
+    """A save in flight: its commit future and, when asynchronous, the future of the state copy."""
+
+    step: int
+    commit: Future[None]
+    staging: Future[None] | None = None
 
 
 class CheckpointManager:
@@ -139,8 +308,12 @@ class CheckpointManager:
         self.protected: set[int] = set()  # the step we resumed from: retention never deletes it
         self.events: list[str] = []  # skipped/removed checkpoints, for the MLflow run
         self.last_saved_step: int | None = None
-        self._pending: Future[None] | None = None
+        self.blocked_s = 0.0  # seconds the caller spent blocked by checkpointing (save + staging waits)
+        self._pending: _Pending | None = None
+        self._verified: tuple[int, dict[str, bytes]] | None = None  # rank 0: bytes latest() checked
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-commit")
+        self._stager: DefaultStager | None = None  # kept: its staging buffers are reused save to save
+        self._step_hooks: dict[int, RemovableHandle] = {}  # id(optimizer) -> its step pre-hook
 
     # ---- paths -------------------------------------------------------------------------------
     def step_uri(self, step: int) -> str:
@@ -151,11 +324,12 @@ class CheckpointManager:
 
     def steps_on_storage(self) -> list[int]:
         """Every step directory present (committed or not), ascending."""
+        self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):
             return []
         steps = []
         for entry in self.fs.ls(self.root, detail=False):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            name = _basename(entry)
             if name.startswith(_STEP_PREFIX) and name[len(_STEP_PREFIX) :].isdigit():
                 steps.append(int(name[len(_STEP_PREFIX) :]))
         return sorted(steps)
@@ -171,67 +345,97 @@ class CheckpointManager:
     ) -> str:
         """Write checkpoint ``step`` (``state`` = JSON-able trainer state); returns its URI.
 
-        With async_save only the copy of the tensors blocks; the manifest is written by a commit
-        thread once every rank's files are on storage, and only then are old checkpoints pruned.
+        Synchronous: returns once the checkpoint is committed. Asynchronous: returns at once; the state
+        is copied in the background and ``optimizer.step()`` waits for that copy (a step pre-hook), so
+        nothing saved can change before it is copied; the files, the manifest and pruning follow in
+        the background, and the next save (or :meth:`wait`) reports a failure on every rank.
         """
         self.wait()
-        path = self._step_path(step)
+        started = time.perf_counter()
         model_sd, optim_sd = get_state_dict(model, optimizer)
+        if self.async_save:
+            # Parameters and optimizer state change only in optimizer.step(); buffers can change in a
+            # forward (BatchNorm statistics, DDP's buffer broadcast), so those few are copied now.
+            params = {p.data_ptr() for p in model.parameters()}
+            model_sd = {k: v if v.data_ptr() in params else v.detach().clone() for k, v in model_sd.items()}
         tensors = {
             "model": model_sd,
             "optim": _tensor_leaves(optim_sd["state"]),
             "rng": _rng_state(self.ctx.rank),
         }
-        try:
-            if self.ctx.is_main:
-                # A directory at this step can only be a leftover of an abandoned attempt: start clean.
-                if self.fs.exists(path):
-                    self.fs.rm(path, recursive=True)
-                self.fs.makedirs(path, exist_ok=True)
-                state = {**state, "optimizer_param_groups": optim_sd["param_groups"]}
-                self.fs.pipe_file(f"{path}/{TRAINER_STATE}", json.dumps(state, indent=1).encode())
-        except (CheckpointError, RetryableError):
-            raise
-        except Exception as exc:
-            raise _storage_error(self.step_uri(step), exc) from exc
-        distributed.barrier()
-        writer = FsspecWriter(self.step_uri(step), sync_files=False, **storage_options(self.uri))
+        trainer_state = json.dumps({**state, "optimizer_param_groups": optim_sd["param_groups"]}, indent=1)
+        writer = _HashingWriter(self.step_uri(step), **storage_options(self.uri))
         group, no_dist = self.ctx.checkpoint_group, not self.ctx.is_distributed
+        staging: Future[None] | None = None
         try:
             if self.async_save:
                 response = dcp.async_save(
-                    tensors, storage_writer=writer, process_group=group, no_dist=no_dist
+                    tensors,
+                    storage_writer=writer,
+                    process_group=group,
+                    no_dist=no_dist,
+                    async_stager=self._get_stager(),
                 )
-                # Training may only change the tensors once they are copied (staged).
-                staging = getattr(response, "staging_completion", None)
-                if staging is not None:
-                    staging.result()
-                upload: Future[Any] = getattr(response, "upload_completion", response)
+                staging, upload = response.staging_completion, response.upload_completion
+                if id(optimizer) not in self._step_hooks:
+                    self._step_hooks[id(optimizer)] = optimizer.register_step_pre_hook(
+                        lambda *_: self.wait_for_staging()
+                    )
             else:
                 dcp.save(tensors, storage_writer=writer, process_group=group, no_dist=no_dist)
                 upload = Future()
                 upload.set_result(None)
-        except (CheckpointError, RetryableError):
+        except TrainerError:
             raise
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
             raise _storage_error(self.step_uri(step), exc) from exc
-        self._pending = self._committer.submit(self._commit, step, upload, best_step)
+        commit = self._committer.submit(self._commit, step, upload, writer, trainer_state.encode(), best_step)
+        self._pending = _Pending(step, commit, staging)
         self.last_saved_step = step
+        self.blocked_s += time.perf_counter() - started
         if not self.async_save:
             self.wait()
         return self.step_uri(step)
+
+    def _get_stager(self) -> DefaultStager:
+        if self._stager is None:
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda,
+                    use_shared_memory=False,
+                    use_async_staging=True,
+                    use_non_blocking_copy=cuda,
+                )
+            )
+        return self._stager
+
+    def wait_for_staging(self) -> None:
+        """Block until the pending async save has copied the state (then the tensors may change)."""
+        pending = self._pending
+        if pending is None or pending.staging is None:
+            return
+        started = time.perf_counter()
+        try:
+            pending.staging.result()
+        finally:
+            pending.staging = None
+            self.blocked_s += time.perf_counter() - started
 
     def wait(self) -> None:
         """Block until the pending save is committed; every rank raises if it failed on any rank."""
         error: BaseException | None = None
         if self._pending is not None:
             try:
-                self._pending.result()
+                self.wait_for_staging()
+                started = time.perf_counter()
+                self._pending.commit.result()
+                self.blocked_s += time.perf_counter() - started
             except BaseException as exc:  # re-raised below once all ranks agree
                 error = exc
             self._pending = None
         if distributed.any_rank(error is not None, self.ctx.device):
-            if isinstance(error, CheckpointError | RetryableError):
+            if isinstance(error, TrainerError):
                 raise error
             if error is None:
                 raise RetryableError(f"checkpoint save under {self.uri} failed on another rank")
@@ -242,48 +446,65 @@ class CheckpointManager:
         gone). A save that fails here leaves no manifest, so it is never used."""
         if self._pending is not None:
             try:
-                self._pending.result()
+                self.wait_for_staging()
+                self._pending.commit.result()
             except Exception:
                 log.exception("pending checkpoint save failed")
             self._pending = None
-        self._committer.shutdown(wait=True)
+        self._shutdown()
 
     def close(self) -> None:
-        """Finish the pending save and stop the commit thread."""
+        """Finish the pending save and stop the background threads."""
         try:
             self.wait()
         finally:
-            self._committer.shutdown(wait=True)
+            self._shutdown()
 
-    def _commit(self, step: int, upload: Future[Any], best_step: int | None) -> None:
+    def _shutdown(self) -> None:
+        self._committer.shutdown(wait=True)
+        for hook in self._step_hooks.values():
+            hook.remove()
+        self._step_hooks.clear()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    def _commit(
+        self,
+        step: int,
+        upload: Future[Any],
+        writer: _HashingWriter,
+        trainer_state: bytes,
+        best_step: int | None,
+    ) -> None:
         upload.result()
         if not self.ctx.is_main:
             return
-        _with_retries(lambda: self._write_manifest(step, best_step), f"commit of {self.step_uri(step)}")
-        try:
-            self._prune(best_step)
-        except Exception:  # a failed prune leaves extra checkpoints, never a wrong one: carry on
-            log.exception("pruning old checkpoints under %s failed", self.uri)
-
-    def _write_manifest(self, step: int, best_step: int | None) -> None:
         path = self._step_path(step)
-        self.fs.invalidate_cache(path)
-        files = {}
-        for entry in sorted(self.fs.ls(path, detail=False)):
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if name != MANIFEST:
-                files[name] = _sha256(self.fs, entry)
+        files = {
+            **writer.files,
+            TRAINER_STATE: (hashlib.sha256(trainer_state).hexdigest(), len(trainer_state)),
+        }
         manifest = {
             "step": step,
-            "files": files,
+            "files": {name: digest for name, (digest, _) in sorted(files.items())},
+            "sizes": {name: size for name, (_, size) in sorted(files.items())},
             "config_hash": self.config_hash,
             "world_size": self.ctx.world_size,
             "dataset_version": self.dataset_version,
             "best_step": best_step,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        what = f"commit of {self.step_uri(step)}"
+        _with_retries(lambda: self.fs.pipe_file(f"{path}/{TRAINER_STATE}", trainer_state), what)
         # The manifest is the commit marker: one small object written after every file it lists.
-        self.fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        _with_retries(
+            lambda: self.fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=1).encode()), what
+        )
+        try:
+            self._prune(best_step)
+        except Exception:  # a failed prune leaves extra checkpoints, never a wrong one: carry on
+            log.exception("pruning old checkpoints under %s failed", self.uri)
 
     def _prune(self, best_step: int | None) -> None:
         committed = [s for s in self.steps_on_storage() if self.fs.exists(f"{self._step_path(s)}/{MANIFEST}")]
@@ -296,7 +517,8 @@ class CheckpointManager:
 
     # ---- find and verify ---------------------------------------------------------------------
     def verify(self, step: int) -> Verdict:
-        """Check the manifest exists, matches this run, and every listed file has its sha256."""
+        """Check the manifest exists and matches this step, every listed file has its sha256, and
+        ``.metadata`` parses with the allow-list unpickler. The verified bytes are kept for ``load``."""
         path = self._step_path(step)
         try:
             manifest = json.loads(self.fs.cat_file(f"{path}/{MANIFEST}"))
@@ -307,35 +529,28 @@ class CheckpointManager:
         files = manifest.get("files")
         if manifest.get("step") != step or not isinstance(files, dict) or ".metadata" not in files:
             return Verdict(step, False, "manifest.json is malformed", manifest)
+        blobs: dict[str, bytes] = {}
         for name, expected in files.items():
             try:
-                actual = _sha256(self.fs, f"{path}/{name}")
+                blob = self.fs.cat_file(f"{path}/{name}")
             except FileNotFoundError:
                 return Verdict(step, False, f"{name} listed in the manifest is missing", manifest)
-            if actual != expected:
+            if hashlib.sha256(blob).hexdigest() != expected:
                 return Verdict(step, False, f"{name} does not match its sha256 (corrupt)", manifest)
+            blobs[name] = blob
         try:
-            self._read_metadata(step)
+            _parse_metadata(blobs[".metadata"])
         except pickle.UnpicklingError as exc:
             return Verdict(step, False, f".metadata refused: {exc}", manifest)
+        self._verified = (step, blobs)
         return Verdict(step, True, "", manifest)
-
-    def _read_metadata(self, step: int) -> Metadata:
-        """Parse DCP's ``.metadata`` with the allow-list unpickler (raises UnpicklingError)."""
-        try:
-            return _MetadataUnpickler(
-                io.BytesIO(self.fs.cat_file(f"{self._step_path(step)}/.metadata"))
-            ).load()
-        except pickle.UnpicklingError:
-            raise
-        except Exception as exc:  # truncated or garbage bytes surface as many exception types
-            raise pickle.UnpicklingError(f"unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
 
     def latest(self) -> int | None:
         """Newest step with a valid manifest (decided on rank 0, agreed by all); invalid newer ones are
         skipped with a warning and recorded in :attr:`events`."""
         choice: int | None = None
         if self.ctx.is_main:
+            self._verified = None
             for step in reversed(self.steps_on_storage()):
                 verdict = self.verify(step)
                 if verdict.valid:
@@ -348,14 +563,38 @@ class CheckpointManager:
         return None if agreed is None else int(agreed)
 
     def discard_after(self, step: int | None) -> None:
-        """Remove step directories newer than ``step`` (orphans of killed saves, corrupt ones): the run
-        continues from ``step`` and would write those steps again."""
-        if self.ctx.is_main:
+        """Prepare the directory for this run's saves: remove step directories newer than ``step``
+        (orphans of killed saves, corrupt ones; the run would write those steps again), then check that
+        the destination takes writes, so a read-only or full destination stops the run before it trains
+        rather than at its first checkpoint."""
+
+        def prepare() -> None:
             for newer in self.steps_on_storage():
                 if step is None or newer > step:
                     self.fs.rm(self._step_path(newer), recursive=True)
                     self.events.append(f"checkpoint {self.step_uri(newer)} removed (newer than resume point)")
-        distributed.barrier()
+            probe = f"{self.root}/.write-probe-{uuid.uuid4().hex}"
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"ctrain checks that checkpoints can be written here\n" * 64)
+            self.fs.rm(probe)
+
+        self._on_main(prepare)
+
+    def _on_main(self, action: Callable[[], None]) -> None:
+        """Run a storage action on rank 0; every rank raises the same error if it fails."""
+        failure: str | None = None
+        if self.ctx.is_main:
+            try:
+                action()
+            except Exception as exc:
+                error = exc if isinstance(exc, TrainerError) else _storage_error(self.uri, exc)
+                failure = f"{'retryable' if isinstance(error, RetryableError) else 'terminal'}:{error}"
+                if not self.ctx.is_distributed:
+                    raise error from exc
+        failure = distributed.broadcast_str(failure, self.ctx.device)
+        if failure is not None:
+            kind, message = failure.split(":", 1)
+            raise (RetryableError if kind == "retryable" else CheckpointError)(message)
 
     # ---- load --------------------------------------------------------------------------------
     def check_compatible(self, manifest: dict[str, Any]) -> None:
@@ -375,19 +614,28 @@ class CheckpointManager:
             )
 
     def read_manifest(self, step: int) -> dict[str, Any]:
-        return json.loads(self.fs.cat_file(f"{self._step_path(step)}/{MANIFEST}"))
+        try:
+            return json.loads(self.fs.cat_file(f"{self._step_path(step)}/{MANIFEST}"))
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"checkpoint {self.step_uri(step)} has no manifest.json: it was never committed; "
+                "resume from latest() instead"
+            ) from None
 
     def load(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model, optimizer and this rank's RNG from ``step``; return the trainer state."""
+        self.wait_for_staging()
         manifest = self.read_manifest(step)
         self.check_compatible(manifest)
         same_world = manifest.get("world_size") == self.ctx.world_size
-        state = json.loads(self.fs.cat_file(f"{self._step_path(step)}/{TRAINER_STATE}"))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         tensors: dict[str, Any] = {"model": model_sd, "optim": _tensor_leaves(optim_sd["state"])}
         if same_world:  # RNG streams are per rank; after resharding each rank starts a fresh stream
             tensors["rng"] = _rng_state(self.ctx.rank)
-        self._dcp_load(step, tensors)
+        verified = self._dcp_load(step, manifest, tensors)
+        state = json.loads(
+            verified[TRAINER_STATE] if TRAINER_STATE in verified else self._read_state(step, manifest)
+        )
         optim_sd["param_groups"] = state["optimizer_param_groups"]
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         if same_world:
@@ -395,19 +643,37 @@ class CheckpointManager:
         self.protected.add(step)
         return state
 
+    def _read_state(self, step: int, manifest: dict[str, Any]) -> bytes:
+        blob = self.fs.cat_file(f"{self._step_path(step)}/{TRAINER_STATE}")
+        if hashlib.sha256(blob).hexdigest() != manifest["files"].get(TRAINER_STATE):
+            raise CheckpointError(
+                f"checkpoint {self.step_uri(step)}: {TRAINER_STATE} does not match its sha256"
+            )
+        return blob
+
     def load_model(self, step: int, model: nn.Module) -> None:
         """Restore only the model weights of ``step`` (the final, best model)."""
         self.wait()
         sd = {"model": {k: v for k, v in _unwrap(model).state_dict().items()}}
-        self._dcp_load(step, sd)
+        self._dcp_load(step, self.read_manifest(step), sd)
         _unwrap(model).load_state_dict(sd["model"])
 
-    def _dcp_load(self, step: int, tensors: dict[str, Any]) -> None:
+    def _dcp_load(self, step: int, manifest: dict[str, Any], tensors: dict[str, Any]) -> dict[str, bytes]:
+        """DCP-load ``tensors`` from ``step``, every file checked against ``manifest``; returns the
+        verified bytes read (on rank 0 after ``latest()``: the ones it verified)."""
+        verified: dict[str, bytes] = {}
+        if self._verified is not None and self._verified[0] == step:
+            verified = self._verified[1]
+        self._verified = None  # served once; the memory goes with the load
+        reader = _SafeReader(self.step_uri(step), manifest.get("files", {}), verified)
         try:
-            self._read_metadata(step)
+            reader.read_metadata()  # the refusal below is a terminal error, not a storage failure
         except pickle.UnpicklingError as exc:
             raise CheckpointError(f"checkpoint {self.step_uri(step)} refused: {exc}") from None
-        reader = _SafeReader(self.step_uri(step), **storage_options(self.uri))
+        except TrainerError:
+            raise
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            raise _storage_error(self.step_uri(step), exc) from exc
         planner = DefaultLoadPlanner(allow_partial_load=True)
         try:
             dcp.load(
@@ -417,10 +683,12 @@ class CheckpointManager:
                 process_group=self.ctx.checkpoint_group,
                 no_dist=not self.ctx.is_distributed,
             )
-        except (CheckpointError, RetryableError):
-            raise
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:
+            terminal = next((c for c in _causes(exc) if isinstance(c, TrainerError)), None)
+            if terminal is not None:
+                raise terminal from exc
             raise _storage_error(self.step_uri(step), exc) from exc
+        return verified
 
 
 def _with_retries(action: Callable[[], T], what: str, attempts: int = 4, first_delay_s: float = 0.5) -> T:
@@ -461,24 +729,32 @@ def _set_rng_state(state: dict[str, torch.Tensor], rank: int) -> None:
         torch.cuda.set_rng_state(state[f"cuda_rank{rank}"])
 
 
-def _sha256(fs: Any, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _storage_error(uri: str, exc: BaseException) -> Exception:
+def _storage_error(uri: str, exc: BaseException) -> TrainerError:
     """A failed storage operation as the error the run ends with.
 
-    Permission and space problems (anywhere in the cause chain, or in any rank's failure inside DCP's
-    CheckpointException) are terminal; anything else - endpoint unreachable, timeouts, throttling - is
-    retryable: the uncommitted checkpoint has no manifest, and a rerun resumes from the last one.
+    A full or read-only destination (anywhere in the cause chain, or in any rank's failure inside DCP's
+    CheckpointException) is terminal: retrying cannot help, and training on without checkpoints would
+    lose the run. Anything else - endpoint unreachable, timeouts, throttling - is retryable: the
+    uncommitted checkpoint has no manifest, and a rerun resumes from the last one.
     """
     for cause in _causes(exc):
-        if isinstance(cause, PermissionError) or getattr(cause, "errno", None) in (errno.ENOSPC, errno.EROFS):
-            return CheckpointError(f"checkpoint destination {uri} is not writable: {cause}")
+        code = getattr(cause, "errno", None)
+        if code in _FULL:
+            return CheckpointError(
+                f"checkpoint destination {uri} is full ({cause}). Free space there, or set checkpoint.uri "
+                "to storage with room for checkpoint.keep_last + 2 checkpoints; training stops rather than "
+                "continue without checkpoints"
+            )
+        if isinstance(cause, PermissionError) or code in _READ_ONLY:
+            return CheckpointError(
+                f"checkpoint destination {uri} is not writable ({cause}). Make it writable for this user, "
+                "or set checkpoint.uri to a writable location; training stops rather than continue without "
+                "checkpoints"
+            )
     return RetryableError(f"checkpoint storage {uri} failed: {type(exc).__name__}: {exc}")
 
 
@@ -491,7 +767,10 @@ def _causes(exc: BaseException) -> list[BaseException]:
             continue
         found.append(current)
         stack += [c for c in (current.__cause__, current.__context__) if c is not None]
-        failures = getattr(current, "failures", None)  # torch's CheckpointException: rank -> error
+        failures = getattr(current, "failures", None)  # torch's CheckpointException: rank -> (error, tb)
         if isinstance(failures, dict):
-            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+            for failure in failures.values():
+                failure = failure[0] if isinstance(failure, tuple) and failure else failure
+                if isinstance(failure, BaseException):
+                    stack.append(failure)
     return found
