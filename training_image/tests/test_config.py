@@ -9,7 +9,7 @@ import sys
 import pytest
 from trainer_testkit import CONFIGS
 
-from trainer.config import TrainerConfig, apply_override, json_schema, load_config
+from trainer.config import TrainerConfig, apply_override, json_schema, load_config, markdown_table
 from trainer.errors import ConfigError
 
 REQUIRED = ["data.dataset_uri=file:///d", "checkpoint.uri=file:///c", "output.uri=file:///o"]
@@ -46,6 +46,15 @@ def test_bad_values_name_the_field_and_the_allowed_values(override: str, expecte
     with pytest.raises(ConfigError) as err:
         load_config(CONFIGS / "debug.yaml", [*REQUIRED, override])
     assert expected in str(err.value)
+
+
+def test_credentials_in_a_uri_are_refused_without_echoing_them() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(CONFIGS / "debug.yaml", [*REQUIRED, "checkpoint.uri=s3://AKIAEXAMPLE:hunter2@bucket/ck"])
+    message = str(err.value)
+    assert "checkpoint.uri: the URI embeds a password" in message
+    assert "AWS_SECRET_ACCESS_KEY" in message  # the fix
+    assert "hunter2" not in message
 
 
 def test_missing_required_fields_are_listed() -> None:
@@ -110,3 +119,14 @@ def test_cli_prints_the_schema() -> None:
     )
     assert proc.returncode == 0
     assert json.loads(proc.stdout)["title"] == "TrainerConfig"
+
+
+def test_readme_config_table_is_the_generated_one() -> None:
+    readme = (CONFIGS.parent / "README.md").read_text()
+    table = markdown_table()
+    assert table in readme, "training_image/README.md is stale: paste `python -m trainer config-table`"
+    assert table.count("\n") + 1 == 2 + len(
+        TrainerConfig.model_validate(
+            {"data": {"dataset_uri": "x"}, "checkpoint": {"uri": "x"}, "output": {"uri": "x"}}
+        ).flat()
+    )

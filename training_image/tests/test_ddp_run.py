@@ -53,6 +53,10 @@ def test_one_mlflow_run_with_epoch_metrics_params_and_dataset(finished: TrainerR
     assert [d.dataset.digest for d in inputs] == [result["dataset_version"]]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
     assert artifacts == {"weights/model.safetensors"}
+    mlflow.set_tracking_uri(finished.tracking_uri)
+    resolved = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/config/resolved.yaml")
+    assert resolved["train"]["batch_size"] == 64 and resolved["seed"] == 0
+    assert resolved["data"]["dataset_uri"] == finished.dataset_uri
     plots = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "plots")}
     assert plots.get("plots/loss_curve.png", 0) > 1000
 

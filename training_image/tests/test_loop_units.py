@@ -1,4 +1,5 @@
-"""Loop building blocks in isolation: early-stopping monitor, checkpointed loop state, LR schedules."""
+"""Loop building blocks in isolation: early-stopping monitor, checkpointed loop state, LR schedules,
+progress output."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from trainer.config import SchedulerConfig
 from trainer.loop import LoopState, Monitor, _build_scheduler
+from trainer.progress import Progress
 
 
 def stop_epoch(curve: list[float], patience: int, mode: str = "min", min_delta: float = 0.0) -> int | None:
@@ -78,3 +80,33 @@ def test_step_and_plateau_schedules_decay() -> None:
         plateau.step(value)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
     assert _build_scheduler(SchedulerConfig(name="constant"), optimizer, 10, "min") is None
+
+
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = {"loss": 0.25, "lr": 1e-3, "grad_norm": 0.5, "samples_per_s": 1234.0}
+    bar = Progress(enabled=True, interactive=True)
+    bar.start_epoch(2, 5, steps=10, done=4)
+    bar.advance(0.25)
+    assert bar._bar is not None and bar._bar.n == 5 and bar._bar.postfix == "loss=0.2500"
+    bar.close()
+    drawn = capsys.readouterr().err
+    assert "epoch 2/5:  40%" in drawn and "4/10" in drawn  # drawn at the resumed position
+
+    caplog.set_level("INFO", logger="trainer.progress")
+    plain = Progress(enabled=True, interactive=False)
+    plain.start_epoch(2, 5, steps=10, done=4)
+    plain.advance(0.25)
+    plain.log_line(2, 14, metrics)
+    assert capsys.readouterr().err == ""  # no bar escape codes in an Airflow task log
+    assert [r.getMessage() for r in caplog.records] == [
+        "epoch 2/5: 10 steps (resuming at step 4)",
+        "epoch 2 step 14 loss 0.25000 lr 0.001 grad_norm 0.5 1234 samples/s",
+    ]
+
+    caplog.clear()
+    silent = Progress(enabled=False, interactive=False)  # ranks other than 0
+    silent.start_epoch(1, 5, steps=10, done=0)
+    silent.log_line(1, 1, metrics)
+    assert caplog.records == []

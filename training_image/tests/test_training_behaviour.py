@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -160,3 +161,57 @@ def test_regression_task_trains_and_serves(tmp_path: Path) -> None:
     predicted = np.asarray(mlflow.pyfunc.load_model(result["model_uri"]).predict(test[FEATURES])).reshape(-1)
     rmse = float(np.sqrt(np.mean((predicted - test["label"].to_numpy()) ** 2)))
     assert rmse == pytest.approx(metrics["test_rmse"], rel=1e-4)
+
+
+def test_multiclass_task_trains_with_ddp_and_serves_class_probabilities(tmp_path: Path) -> None:
+    snapshot = write_snapshot(tmp_path / "multiclass", task="multiclass", num_classes=3)
+    run = TrainerRun(tmp_path, snapshot)
+    proc = run(
+        "task.type=multiclass",
+        "task.num_classes=3",
+        "early_stopping.monitor=val_accuracy",
+        "early_stopping.mode=max",
+        "train.epochs=6",
+        nproc=2,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = run.result()["metrics"]
+    assert {"test_accuracy", "test_roc_auc", "test_loss", "best_val_accuracy"} <= set(metrics)
+    assert metrics["test_accuracy"] > 0.6  # three balanced classes: chance is 1/3
+    mlflow.set_tracking_uri(run.tracking_uri)
+    test = pd.read_parquet(tmp_path / "multiclass" / "test.parquet")
+    probs = np.asarray(mlflow.pyfunc.load_model(run.result()["model_uri"]).predict(test[FEATURES]))
+    assert probs.shape == (len(test), 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    accuracy = float(np.mean(probs.argmax(axis=1) == test["label"].to_numpy()))
+    assert accuracy == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+
+
+def test_system_metrics_and_resolved_config_are_tracked(trainer_run: TrainerRun) -> None:
+    proc = trainer_run(
+        "tracking.system_metrics=true",
+        "tracking.system_metrics_interval_s=0.2",
+        "faults.step_delay_s=0.05",  # a run long enough for several samples
+        nproc=1,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = trainer_run.runs()
+    client = MlflowClient(trainer_run.tracking_uri)
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    memory = client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    assert len(cpu) >= 3 and all(0 <= m.value <= 100 * psutil.cpu_count() for m in cpu)
+    assert memory and all(m.value > 0 for m in memory)
+
+
+def test_a_hung_peer_fails_the_run_fast_and_retryably(trainer_run: TrainerRun) -> None:
+    # Rank 1 stops responding before step 7: rank 0 waits in DDP's all-reduce until the process-group
+    # timeout, then the run ends with the retryable exit code instead of hanging for hours.
+    proc = trainer_run(
+        "faults.hang_at_step=7", "faults.hang_rank=1", "distributed.timeout_s=5", nproc=2, timeout=120
+    )
+    assert proc.returncode != 0
+    result = trainer_run.result()
+    assert result["status"] == "failed" and result["exit_code"] == 75 and result["retryable"] is True
+    assert "fault injection: hanging at step 7" in proc.stderr
+    (run,) = trainer_run.runs()
+    assert run.info.status == "KILLED"

@@ -3,6 +3,7 @@
     torchrun --nproc-per-node=2 -m trainer train --config configs/default.yaml \\
         --set data.dataset_uri=file:///.../datasets/<version> --set checkpoint.uri=... --set output.uri=...
     python -m trainer schema        # JSON schema of the config (for Airflow Params)
+    python -m trainer config-table  # the config reference table of training_image/README.md
 
 Exit codes: 0 ok, 65 bad data/config, 70 divergence or bug, 75 retryable (see trainer.errors). torchrun
 itself exits 1 when any worker fails, so the launcher should read the code from ``result.json``
@@ -21,7 +22,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from trainer import distributed
-from trainer.config import TrainerConfig, json_schema, load_config
+from trainer.config import TrainerConfig, json_schema, load_config, markdown_table
 from trainer.errors import EXIT_OK, EXIT_RETRYABLE, EXIT_SOFTWARE, RetryableError, TrainerError
 from trainer.storage import filesystem, join
 
@@ -33,12 +34,13 @@ log = logging.getLogger("trainer")
 RESULT_FILE = "result.json"
 FAILURE_RECORDED = "failure_recorded"
 # Messages of collective failures that mean a peer is gone rather than a bug in this process.
+# Compared in lower case: gloo says "Timed out waiting 5000ms for recv", others "timeout" or "timed out".
 _LOST_PEER_MARKERS = (
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "Broken pipe",
+    "connection closed by peer",
+    "connection reset by peer",
+    "broken pipe",
     "timed out",
-    "Timeout",
+    "timeout",
 )
 
 
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
+        return EXIT_OK
+    if args.command == "config-table":
+        print(markdown_table())
         return EXIT_OK
     _setup_logging(int(os.environ.get("RANK", "0")))
     # `kill -USR1 <pid>` prints every thread's stack: the first thing to look at when a rank hangs.
@@ -113,7 +118,7 @@ def exit_code_for(exc: BaseException) -> int:
         return exc.exit_code
     if isinstance(exc, dist.DistError | TimeoutError | ConnectionError):
         return EXIT_RETRYABLE
-    if isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in _LOST_PEER_MARKERS):
+    if isinstance(exc, RuntimeError) and any(marker in str(exc).lower() for marker in _LOST_PEER_MARKERS):
         return EXIT_RETRYABLE
     return EXIT_SOFTWARE
 
@@ -205,4 +210,5 @@ def _parser() -> argparse.ArgumentParser:
         help="override one config value (YAML syntax), repeatable",
     )
     sub.add_parser("schema", help="print the config JSON schema")
+    sub.add_parser("config-table", help="print the config reference table (markdown)")
     return parser

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from trainer.errors import ConfigError
 
@@ -28,6 +30,20 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _no_credentials(uri: str) -> str:
+    # URIs are logged and stored as MLflow params; a password in one would leak everywhere.
+    if urlsplit(uri).password is not None:
+        raise PydanticCustomError(
+            "credentials_in_uri",
+            "the URI embeds a password; remove it and pass credentials by environment "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the Airflow connection)",
+        )
+    return uri
+
+
+Uri = Annotated[str, AfterValidator(_no_credentials)]
+
+
 def _unhashed(**kwargs: Any) -> Any:
     """A field that does not take part in the config hash."""
     return Field(json_schema_extra={"hashed": False}, **kwargs)
@@ -38,7 +54,7 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset_uri: str = _unhashed(
+    dataset_uri: Uri = _unhashed(
         description="fsspec URI of the dataset snapshot directory (train/val/test parquet + manifest.json)."
     )
     verify_checksums: bool = _unhashed(
@@ -151,7 +167,7 @@ class EarlyStoppingConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    uri: str = _unhashed(description="fsspec directory URI for this run's checkpoints (file:// or s3://).")
+    uri: Uri = _unhashed(description="fsspec directory URI for this run's checkpoints (file:// or s3://).")
     every_steps: int | None = _unhashed(
         default=None, ge=1, description="Also checkpoint every N optimizer steps (always at each epoch end)."
     )
@@ -176,6 +192,9 @@ class TrackingConfig(_Section):
     )
     run_name: str | None = _unhashed(default=None, description="MLflow run name for a new run.")
     system_metrics: bool = _unhashed(default=True, description="Log CPU/memory (and GPU) system metrics.")
+    system_metrics_interval_s: float = _unhashed(
+        default=10.0, gt=0, description="Seconds between two system-metric samples."
+    )
     async_logging: bool = _unhashed(
         default=True, description="Send metrics to MLflow from a background thread."
     )
@@ -186,7 +205,7 @@ class TrackingConfig(_Section):
 
 
 class OutputConfig(_Section):
-    uri: str = _unhashed(description="fsspec directory URI where result.json is written.")
+    uri: Uri = _unhashed(description="fsspec directory URI where result.json is written.")
 
 
 class DistributedConfig(_Section):
@@ -212,6 +231,13 @@ class FaultsConfig(_Section):
         "(TORCHELASTIC_RESTART_COUNT=0), so a torchrun restart resumes past it.",
     )
     kill_rank: int = _unhashed(default=0, ge=0, description="Test knob: the rank that kill_at_step kills.")
+    hang_at_step: int | None = _unhashed(
+        default=None,
+        ge=1,
+        description="Test knob: this process stops responding (sleeps) before this optimizer step, "
+        "so its peers hit the collective timeout.",
+    )
+    hang_rank: int = _unhashed(default=0, ge=0, description="Test knob: the rank that hang_at_step hangs.")
     step_delay_s: float = _unhashed(
         default=0.0, ge=0, description="Test knob: sleep this long per optimizer step (guardrail/kill tests)."
     )
@@ -342,6 +368,8 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(err["loc"][:-1])
             lines.append(f"  {loc}: unknown key; allowed keys here: {', '.join(allowed)}")
+        elif err["type"] == "credentials_in_uri":  # never echo the value: it holds a secret
+            lines.append(f"  {loc}: {err['msg']}")
         elif err["type"] == "missing":
             lines.append(f"  {loc}: required field is missing ({_description(err['loc'])})")
         else:
@@ -369,6 +397,36 @@ def _description(loc: tuple[Any, ...]) -> str:
     model = _field_model(loc[:-1])
     field = model.model_fields.get(str(loc[-1])) if model else None
     return (field.description or "") if field else ""
+
+
+def markdown_table() -> str:
+    """The config reference table of training_image/README.md, generated from the models."""
+    rows = ["| key | type | default | in hash | description |", "| --- | --- | --- | --- | --- |"]
+    rows += [
+        f"| `{key}` | {kind} | {default} | {'✓' if hashed else ''} | {description} |"
+        for key, kind, default, hashed, description in _fields(TrainerConfig)
+    ]
+    return "\n".join(rows)
+
+
+def _fields(model: type[BaseModel], prefix: str = "", hashed: bool = True) -> list[tuple[str, ...]]:
+    out: list[tuple[Any, ...]] = []
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra
+        in_hash = hashed and not (isinstance(extra, dict) and extra.get("hashed") is False)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += _fields(annotation, f"{prefix}{name}.", in_hash)
+            continue
+        kind = str(annotation).replace("typing.", "").replace(" | None", " or None")
+        kind = getattr(annotation, "__name__", kind) if isinstance(annotation, type) else kind
+        if field.is_required():
+            default = "**required**"
+        else:
+            value = field.get_default(call_default_factory=True)
+            default = f"`{'null' if value is None else repr(value)}`"
+        out.append((f"{prefix}{name}", kind, default, in_hash, field.description or ""))
+    return out
 
 
 def json_schema() -> dict[str, Any]:

@@ -229,6 +229,8 @@ class Trainer:
             tags["checkpoint_events"] = " | ".join(self.checkpoints.events)
         self.tracker.set_tags(tags)
         if self._resumed_from is None:
+            # The whole resolved tree (params are flattened and capped at 6000 characters each).
+            self.tracker.log_dict(self.cfg.model_dump(mode="json"), "config/resolved.yaml")
             label = snap.manifest["label_column"]
             columns = {c: "float" for c in snap.feature_columns}
             columns[label] = "double" if self.task.type == "regression" else "long"
@@ -334,14 +336,17 @@ class Trainer:
         return loss
 
     def _maybe_kill(self) -> None:
-        faults = self.cfg.faults
+        faults, step = self.cfg.faults, self.state.global_step + 1
         if (
-            faults.kill_at_step == self.state.global_step + 1
+            faults.kill_at_step == step
             and faults.kill_rank == self.ctx.rank
             and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
         ):
-            log.warning("fault injection: SIGKILL at step %d", self.state.global_step + 1)
+            log.warning("fault injection: SIGKILL at step %d", step)
             os.kill(os.getpid(), signal.SIGKILL)
+        if faults.hang_at_step == step and faults.hang_rank == self.ctx.rank:
+            log.warning("fault injection: hanging at step %d", step)
+            time.sleep(24 * 3600)  # until torchrun's SIGTERM ends it
 
     def _guardrail(self, check_clock: bool) -> str | None:
         """Stop reason if max_steps or max_wall_clock_s is reached (the clock check is agreed by all ranks)."""

@@ -50,6 +50,8 @@ class Tracker:
         run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
         if run_id is None:
             mlflow.set_experiment(self.cfg.experiment)
+        if self.cfg.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self.cfg.system_metrics_interval_s)
         run = mlflow.start_run(
             run_id=run_id,
             run_name=None if run_id else self.cfg.run_name,
@@ -126,6 +128,11 @@ class Tracker:
                 self.run_id, metrics=batch, synchronous=synchronous or not self.cfg.async_logging
             )
         self._flushed_at = time.monotonic()
+
+    def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
+        """Log ``data`` as a JSON or YAML artifact (by the file's extension)."""
+        if self.enabled:
+            mlflow.log_dict(data, artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         if self.enabled:
