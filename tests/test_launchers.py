@@ -10,7 +10,7 @@ from ctrain.errors import TrainingFailed
 from ctrain.launchers import DockerLauncher, KubernetesLauncher, LocalLauncher, TrainingJob, stream_process
 
 JOB = TrainingJob(
-    config_path="configs/default.yaml",
+    config_path="/opt/airflow/training_image/configs/default.yaml",
     overrides={"data.dataset_uri": "file:///d/v1", "seed": "7"},
     env={"MLFLOW_RUN_ID": "abc", "AWS_SECRET_ACCESS_KEY": "s3cr3t"},
     nproc_per_node=2,
@@ -22,7 +22,7 @@ def test_local_command_is_torchrun_with_overrides():
     cmd = LocalLauncher(python="/venv/bin/python").command(JOB)
     assert cmd[:4] == ["/venv/bin/python", "-m", "torch.distributed.run", "--standalone"]
     assert "--nproc-per-node=2" in cmd and "--max-restarts=3" in cmd
-    assert cmd[-8:] == ["-m", "trainer", "train", "--config", "configs/default.yaml",
+    assert cmd[-8:] == ["-m", "trainer", "train", "--config", "/opt/airflow/training_image/configs/default.yaml",
                         "--set", "data.dataset_uri=file:///d/v1", "--set", "seed=7"][-8:]
 
 
@@ -32,6 +32,8 @@ def test_docker_command_passes_env_by_name_only():
     assert "s3cr3t" not in " ".join(cmd)
     assert cmd[cmd.index("AWS_SECRET_ACCESS_KEY") - 1] == "-e"
     assert cmd[cmd.index("ctrain-trainer:1") + 1] == "torchrun"
+    # The host path does not exist in the container: the image's copy of the same config is used.
+    assert cmd[cmd.index("--config") + 1] == "/opt/trainer/configs/default.yaml"
 
 
 def test_kubernetes_manifest_keeps_secrets_in_a_secret():
@@ -42,6 +44,8 @@ def test_kubernetes_manifest_keeps_secrets_in_a_secret():
     assert container["envFrom"] == [{"secretRef": {"name": "ctrain-trainer-env"}}]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["spec"]["restartPolicy"] == "Never"
+    command = container["command"]
+    assert command[command.index("--config") + 1] == "/opt/trainer/configs/default.yaml"
 
 
 def test_stream_process_streams_lines_and_succeeds():

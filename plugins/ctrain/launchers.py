@@ -16,7 +16,8 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 from ctrain.errors import ConfigError, TrainingFailed
@@ -30,6 +31,9 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 65
 EXIT_DIVERGED = 70
 EXIT_RETRYABLE = 75
+
+# Where training_image/Dockerfile puts training_image/configs/ inside the image.
+IMAGE_CONFIG_DIR = "/opt/trainer/configs"
 
 # Env vars passed through to the training processes when set (secrets travel by env, never by argv,
 # so they stay out of `ps`, task logs and MLflow params).
@@ -63,6 +67,14 @@ class TrainingJob:
         for key, value in sorted(self.overrides.items()):
             args += ["--set", f"{key}={value}"]
         return args
+
+    def in_image(self, config_dir: str = IMAGE_CONFIG_DIR) -> TrainingJob:
+        """This job as a container sees it: the config is the image's copy of the same file.
+
+        The host path (e.g. ``/opt/airflow/training_image/configs/default.yaml``) does not exist in
+        the training container; the image ships ``training_image/configs/`` at ``config_dir``.
+        """
+        return replace(self, config_path=str(PurePosixPath(config_dir) / PurePosixPath(self.config_path).name))
 
     def torchrun_args(self, python: str = sys.executable) -> list[str]:
         # Standalone rendezvous picks a free port on loopback, so parallel runs never collide.
@@ -113,11 +125,13 @@ class DockerLauncher:
 
     name = "docker"
 
-    def __init__(self, image: str, network: str | None = None, gpus: str | None = None, shm_size: str = "2g"):
+    def __init__(self, image: str, network: str | None = None, gpus: str | None = None, shm_size: str = "2g",
+                 config_dir: str = IMAGE_CONFIG_DIR):
         self.image = image
         self.network = network
         self.gpus = gpus
         self.shm_size = shm_size
+        self.config_dir = config_dir
 
     def command(self, job: TrainingJob) -> list[str]:
         cmd = ["docker", "run", "--rm", f"--shm-size={self.shm_size}"]
@@ -128,7 +142,7 @@ class DockerLauncher:
         # Names only: docker copies each value from this process's env, so no secret lands in argv.
         cmd += [arg for key in sorted(job.env) for arg in ("-e", key)]
         cmd += [self.image, "torchrun", "--standalone", f"--nproc-per-node={job.nproc_per_node}",
-                f"--max-restarts={job.max_restarts}", *job.trainer_args()]
+                f"--max-restarts={job.max_restarts}", *job.in_image(self.config_dir).trainer_args()]
         return cmd
 
     def run(self, job: TrainingJob, sink: Callable[[str], None] | None = None) -> None:
@@ -141,7 +155,8 @@ class KubernetesLauncher:
     name = "kubernetes"
 
     def __init__(self, image: str, namespace: str = "ctrain", cpu: str = "2", memory: str = "8Gi",
-                 gpus: int = 0, secret_name: str = "ctrain-trainer-env"):
+                 gpus: int = 0, secret_name: str = "ctrain-trainer-env", config_dir: str = IMAGE_CONFIG_DIR):
+        self.config_dir = config_dir
         self.image = image
         self.namespace = namespace
         self.cpu = cpu
@@ -163,7 +178,8 @@ class KubernetesLauncher:
                     "name": "trainer",
                     "image": self.image,
                     "command": ["torchrun", "--standalone", f"--nproc-per-node={job.nproc_per_node}",
-                                f"--max-restarts={job.max_restarts}", *job.trainer_args()],
+                                f"--max-restarts={job.max_restarts}",
+                                *job.in_image(self.config_dir).trainer_args()],
                     # Non-secret settings inline; credentials come from a Secret, never from the spec.
                     "env": [{"name": k, "value": v} for k, v in sorted(job.env.items())
                             if not _looks_secret(k)],
