@@ -17,6 +17,9 @@ verifies the newest candidate on rank 0 and keeps its bytes, which ``load()`` th
 verification is the read. Nothing from storage is unpickled freely: tensors are read with
 ``torch.load(weights_only=True)`` by DCP, non-tensor state is JSON, and DCP's ``.metadata`` goes through
 an allow-list unpickler, after its sha256 has been checked against the manifest.
+
+Fault injection (tests only): ``CTRAIN_FAULT_KILL_BEFORE_MANIFEST=N`` makes rank 0 SIGKILL itself after
+writing every file of step N except ``manifest.json``, on a first torchrun attempt only.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import threading
 import time
 import uuid
@@ -72,6 +76,7 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 _STEP_PREFIX = "step-"
 _DIGESTS_FQN = "__ctrain_file_digests__"  # marker write result carrying a rank's file digests
+_KILL_BEFORE_MANIFEST = "CTRAIN_FAULT_KILL_BEFORE_MANIFEST"
 
 
 def step_dir_name(step: int) -> str:
@@ -230,7 +235,10 @@ class _VerifyingFileSystem(_DcpFsspecFileSystem):
         blob = self.verified.get(name)
         if blob is None:
             assert self.fs is not None
-            blob = self.fs.cat_file(os.fspath(path))
+            try:
+                blob = self.fs.cat_file(os.fspath(path))
+            except Exception as exc:
+                raise _StorageReadError(f"reading {path} failed: {exc}") from exc
             if hashlib.sha256(blob).hexdigest() != self.expected[name]:
                 raise CheckpointError(
                     f"checkpoint {self.uri}: {name} does not match its sha256 in manifest.json (corrupt); "
@@ -238,6 +246,10 @@ class _VerifyingFileSystem(_DcpFsspecFileSystem):
                 )
             self.verified[name] = blob
         yield io.BytesIO(blob)
+
+
+class _StorageReadError(Exception):
+    """Reading a checkpoint file from storage failed (as opposed to its verified bytes being unusable)."""
 
 
 class _SafeReader(FsspecReader):
@@ -497,6 +509,7 @@ class CheckpointManager:
         }
         what = f"commit of {self.step_uri(step)}"
         _with_retries(lambda: self.fs.pipe_file(f"{path}/{TRAINER_STATE}", trainer_state), what)
+        _maybe_kill_before_manifest(step)
         # The manifest is the commit marker: one small object written after every file it lists.
         _with_retries(
             lambda: self.fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=1).encode()), what
@@ -684,10 +697,20 @@ class CheckpointManager:
                 no_dist=not self.ctx.is_distributed,
             )
         except (Exception, CheckpointException) as exc:
-            terminal = next((c for c in _causes(exc) if isinstance(c, TrainerError)), None)
+            causes = _causes(exc)
+            terminal = next((c for c in causes if isinstance(c, TrainerError)), None)
             if terminal is not None:
                 raise terminal from exc
-            raise _storage_error(self.step_uri(step), exc) from exc
+            if any(isinstance(c, _StorageReadError) for c in causes):
+                raise _storage_error(self.step_uri(step), exc) from exc
+            # The bytes matched the manifest but do not load as this state: torch.load(weights_only=True)
+            # refused an object, or shapes differ. Retrying cannot fix that.
+            reason = next((c for c in causes if not isinstance(c, CheckpointException)), exc)
+            raise CheckpointError(
+                f"checkpoint {self.step_uri(step)} refused: its files do not load as this model's state "
+                f"({type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else ''}). "
+                "Delete this step directory, or use a fresh checkpoint.uri"
+            ) from None
         return verified
 
 
@@ -703,6 +726,17 @@ def _with_retries(action: Callable[[], T], what: str, attempts: int = 4, first_d
             log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
             time.sleep(delay)
     return action()
+
+
+def _maybe_kill_before_manifest(step: int) -> None:
+    """Fault injection: die between the data files and the commit marker (first attempt only)."""
+    if (
+        os.environ.get(_KILL_BEFORE_MANIFEST) == str(step)
+        and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    ):
+        log.warning("fault injection: SIGKILL before the manifest of step %d", step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
