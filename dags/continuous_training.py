@@ -13,10 +13,17 @@ Task code lives in `plugins/ctrain/pipeline.py`; this file is wiring only.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from assets import TRANSACTIONS
+
+# Generated from the trainer's config models (`python -m trainer overrides-schema`; a test keeps it
+# current): the UI form rejects unknown keys and bad values at trigger time.
+TRAINER_OVERRIDES_SCHEMA = json.loads((Path(__file__).parent / "trainer_overrides.schema.json").read_text())
 
 DEFAULT_ARGS = {
     "owner": "ml-platform",
@@ -41,8 +48,9 @@ DEFAULT_ARGS = {
                        description="First day of labelled events to train on (default: all data)."),
         "end": Param(None, type=["null", "string"], format="date",
                      description="Last day (inclusive) of labelled events (default: newest partition)."),
-        "trainer_overrides": Param({}, type="object",
-                                   description='Trainer config overrides, e.g. {"optim.lr": "0.002"}.'),
+        "trainer_overrides": Param({}, **TRAINER_OVERRIDES_SCHEMA,
+                                   description='Trainer config overrides, e.g. {"optimizer.lr": 0.002, '
+                                               '"train.epochs": 5} (keys: training_image/README.md).'),
         "min_test_roc_auc": Param(None, type=["null", "number"], minimum=0, maximum=1,
                                   description="Governance floor for test ROC AUC (default: CTRAIN_MIN_TEST_ROC_AUC)."),
     },

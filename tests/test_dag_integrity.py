@@ -54,6 +54,25 @@ def test_continuous_training_wiring(dagbag):
     assert schedule.timetable.expression == "0 3 * * *"
 
 
+def test_trainer_overrides_param_is_the_trainer_config_schema(dagbag):
+    import json
+
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from trainer.config import overrides_schema
+
+    generated = json.loads(json.dumps(overrides_schema()))
+    stored = json.loads((DAGS_DIR / "trainer_overrides.schema.json").read_text())
+    assert stored == generated, "stale: python -m trainer overrides-schema > dags/trainer_overrides.schema.json"
+    param = dagbag.dags["continuous_training"].params.get_param("trainer_overrides")
+    good = {"optimizer.lr": 0.002, "train.epochs": 5, "model.kwargs": {"hidden_sizes": [128, 64]}}
+    assert param.resolve(good) == good
+    for bad in ({"optim.lr": 0.002}, {"optimizer.lr": -1}, {"optimizer.name": "adam"},
+                {"data.dataset_uri": "file:///elsewhere"}):  # the pipeline owns where data comes from
+        with pytest.raises(ParamValidationError):
+            param.resolve(bad)
+
+
 @pytest.mark.parametrize("path", DAG_FILES, ids=lambda p: p.name)
 def test_no_heavy_imports_at_parse_time(path, airflow_env):
     code = (

@@ -23,7 +23,9 @@ def test_nan_loss_is_terminal_with_the_trainers_exit_code(validated):
     lines: list[str] = []
     with pytest.raises(TrainingFailed) as info:
         pipeline.train(settings, snapshot, validation, dag_id="t", dag_run_id="r1",
-                       overrides={"faults.nonfinite_loss_step": "3"}, sink=lines.append)
+                       # typed values as the UI's Param gives them: None must reach the trainer as null
+                       overrides={"faults.nonfinite_loss_step": 3, "train.grad_clip_norm": None},
+                       sink=lines.append)
     assert info.value.exit_code == 70, "torchrun's exit 1 must be mapped back to the trainer's 70"
     assert info.value.retryable is False
     assert any("launching:" in line for line in lines)

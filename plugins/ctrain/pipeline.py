@@ -95,10 +95,11 @@ def champion_snapshot_uri(settings: Settings) -> str | None:
 
 
 def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, Any], dag_id: str,
-          dag_run_id: str, overrides: dict[str, str] | None = None,
+          dag_run_id: str, overrides: dict[str, Any] | None = None,
           sink: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Launch the trainer for (dag, dataset, config); a finished run for the same key is reused."""
-    overrides = dict(overrides or {})
+    # JSON is YAML, which the trainer parses --set values as: 0.002, true, null, [128, 64] keep their type.
+    overrides = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (overrides or {}).items()}
     config_path = Path(settings.trainer_config)
     if not config_path.is_file():
         raise CtrainError(f"trainer config {config_path} does not exist; set CTRAIN_TRAINER_CONFIG to a YAML file")

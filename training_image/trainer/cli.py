@@ -4,6 +4,7 @@
         --set data.dataset_uri=file:///.../datasets/<version> --set checkpoint.uri=... --set output.uri=...
     python -m trainer schema        # JSON schema of the config (for Airflow Params)
     python -m trainer config-table  # the config reference table of training_image/README.md
+    python -m trainer overrides-schema  # dags/trainer_overrides.schema.json (the DAG's Param schema)
 
 Exit codes: 0 ok, 65 bad data/config, 70 divergence or bug, 75 retryable (see trainer.errors). torchrun
 itself exits 1 when any worker fails, so the launcher should read the code from ``result.json``
@@ -22,7 +23,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from trainer import distributed
-from trainer.config import TrainerConfig, json_schema, load_config, markdown_table
+from trainer.config import TrainerConfig, json_schema, load_config, markdown_table, overrides_schema
 from trainer.errors import EXIT_OK, EXIT_RETRYABLE, EXIT_SOFTWARE, RetryableError, TrainerError
 from trainer.storage import filesystem, join
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "config-table":
         print(markdown_table())
+        return EXIT_OK
+    if args.command == "overrides-schema":
+        print(json.dumps(overrides_schema(), indent=1, sort_keys=True))
         return EXIT_OK
     _setup_logging(int(os.environ.get("RANK", "0")))
     # `kill -USR1 <pid>` prints every thread's stack: the first thing to look at when a rank hangs.
@@ -211,4 +215,5 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("schema", help="print the config JSON schema")
     sub.add_parser("config-table", help="print the config reference table (markdown)")
+    sub.add_parser("overrides-schema", help="print the JSON schema of --set overrides (the DAG's Param)")
     return parser

@@ -429,6 +429,38 @@ def _fields(model: type[BaseModel], prefix: str = "", hashed: bool = True) -> li
     return out
 
 
+# Set by the pipeline itself (or test-only): not offered as overrides in the DAG's Params.
+PIPELINE_OWNED = ("data.", "checkpoint.uri", "output.", "faults.")
+
+
+def overrides_schema() -> dict[str, Any]:
+    """JSON schema of flat ``{"section.key": value}`` overrides: the DAG's ``trainer_overrides`` Param.
+
+    Same types, bounds, enums and descriptions as the config models, so the Airflow UI rejects
+    ``{"optim.lr": 0.002}`` or ``{"optimizer.lr": -1}`` at trigger time, before anything runs.
+    """
+    full = TrainerConfig.model_json_schema()
+    properties: dict[str, Any] = {}
+    for section, node in full["properties"].items():
+        ref = node.get("$ref")
+        if ref is None:
+            properties[section] = _strip_titles(node)
+            continue
+        for key, sub in full["$defs"][ref.rsplit("/", 1)[1]]["properties"].items():
+            properties[f"{section}.{key}"] = _strip_titles(sub)
+    properties = {k: v for k, v in properties.items() if not k.startswith(PIPELINE_OWNED)}
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def _strip_titles(node: Any) -> Any:
+    if isinstance(node, dict):
+        # Defaults are the models', not the YAML file's: shown in the form they would mislead.
+        return {k: _strip_titles(v) for k, v in node.items() if k not in ("title", "hashed", "default")}
+    if isinstance(node, list):
+        return [_strip_titles(v) for v in node]
+    return node
+
+
 def json_schema() -> dict[str, Any]:
     """JSON schema of the config tree (used for the DAG's Params and the README table)."""
     return TrainerConfig.model_json_schema()
