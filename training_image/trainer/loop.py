@@ -125,9 +125,10 @@ class Trainer:
             feature_mean=mean,
             feature_std=std,
         )
-        # Same seed on every rank for identical initial weights; then one dropout stream per rank.
+        # Same seed on every rank for identical initial weights; then one stream per rank (dropout,
+        # and python/numpy for user code).
         self.model = build_model(cfg.model.factory, spec, cfg.model.kwargs).to(ctx.device)
-        torch.manual_seed(cfg.seed + 1 + ctx.rank)
+        seed_everything(cfg.seed + 1 + ctx.rank, cfg.train.deterministic)
         # broadcast_buffers=False: re-sending buffers before every forward is a collective per step,
         # and the default model's buffers (feature scaling) never change. A user model with running
         # statistics (BatchNorm) should use SyncBatchNorm; rank 0's copy is the one checkpointed.
