@@ -110,6 +110,18 @@ def test_version_is_a_content_hash_not_a_clock(dp_snapshot, dp_generated):
     assert windowed.dataset_version == first.dataset_version and not windowed.created
 
 
+def test_chunked_join_gives_the_same_snapshot(dp_snapshot, dp_generated):
+    """The Feast join runs in chunks of events; chunks that straddle split boundaries change nothing."""
+    _, info = dp_snapshot
+    chunked = features.build_snapshot(dp_generated, val_days=1, test_days=1, chunk_rows=257)
+    assert chunked.created and chunked.dataset_version == info.dataset_version
+    # (file bytes differ: one parquet row group per chunk; the version hashes the content, not the bytes)
+    for split in ("train", "val", "test"):
+        for key in ("rows", "label_rate", "start", "end"):
+            assert chunked.manifest["splits"][split][key] == info.manifest["splits"][split][key], (split, key)
+    pd.testing.assert_frame_equal(_all_rows(chunked.uri), _all_rows(info.uri))
+
+
 def test_apply_is_idempotent(dp_generated):
     store = features.feature_store(dp_generated)
     assert sorted(fv.name for fv in store.list_feature_views()) == ["customer_stats", "merchant_stats"]
@@ -127,6 +139,8 @@ def test_unknown_service_and_bad_window_are_config_errors(dp_generated):
         features.build_snapshot(dp_generated, val_days=3, test_days=3)
     with pytest.raises(ConfigError, match="after end"):
         features.build_snapshot(dp_generated, start="2026-01-05", end="2026-01-02")
+    with pytest.raises(ConfigError, match="chunk_rows=0"):
+        features.build_snapshot(dp_generated, val_days=1, test_days=1, chunk_rows=0)
     with pytest.raises(ConfigError, match="fraud_model_v9"):
         features.build_snapshot(dp_generated.model_copy(update={"feature_service": "fraud_model_v9"}),
                                 val_days=1, test_days=1)
@@ -201,6 +215,9 @@ def test_point_in_time_join_with_crafted_rows(dp_settings):
     dropped = features.build_snapshot(dp_settings, val_days=1, test_days=1, missing_features="drop")
     assert dropped.dataset_version != info.dataset_version
     assert 6 not in _all_rows(dropped.uri)["transaction_id"].tolist()
+    # Chunks of 3 events (one ends right after the expired row) give the same snapshot.
+    again = features.build_snapshot(dp_settings, val_days=1, test_days=1, missing_features="drop", chunk_rows=3)
+    assert again.dataset_version == dropped.dataset_version and not again.created
     assert dropped.manifest["rows"] == 7 and dropped.manifest["missing_features"]["rows"] == 1
 
 
