@@ -72,7 +72,7 @@ EVENT_FEATURES = ["amount"]  # features taken from the labelled event itself, no
 MANIFEST = "manifest.json"
 # Events per Feast point-in-time join call (see build_snapshot): bounds peak memory; each call costs
 # ~0.15 s of fixed Feast/ibis overhead, so fewer, larger chunks are faster.
-DEFAULT_CHUNK_ROWS = 250_000
+DEFAULT_CHUNK_ROWS = 125_000
 # Columns a transactions partition must have, with the arrow type family each must belong to.
 TRANSACTION_SCHEMA = {
     "transaction_id": "integer",
