@@ -182,3 +182,19 @@ def test_online_store_serves_the_newest_offline_values(trained):
     online = get_online_features(settings, [{"customer_id": int(row["customer_id"]), "merchant_id": 0}])
     assert online["customer_avg_amount_30d"][0] == pytest.approx(row["customer_avg_amount_30d"])
     assert online["customer_chargeback_rate_90d"][0] == pytest.approx(row["customer_chargeback_rate_90d"])
+
+
+def test_demo_summary_shows_dataset_version_and_data_docs(trained):
+    from ctrain.demo import summary
+
+    settings = trained[0]
+    mv = _champion(settings)
+    run = _client(settings).get_run(mv.run_id)
+    text = summary(settings)
+    version = mv.tags["dataset_version"]
+    assert f"dataset version     : {version}  (feature service fraud_model_v1)" in text
+    docs = run.data.tags["gx_docs_uri"]
+    assert docs.endswith(".html") and f"                      {docs}" in text
+    with fsspec.open(docs, "rt") as page:  # the printed Data Docs location is a real page
+        assert "<html" in page.read(4096).lower()
+    assert f"model               : {settings.model_name} v{mv.version}" in text
