@@ -79,6 +79,45 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path: Path) -> No
     )
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_manifest_lists_every_file_with_the_sha256_and_size_of_its_bytes(
+    tmp_path: Path, async_save: bool
+) -> None:
+    # The digests are taken from the bytes as they are written, never by reading them back: they must
+    # still be exactly what is on storage.
+    mgr = manager(f"file://{tmp_path}", async_save=async_save)
+    save_steps(mgr, [3])
+    step_dir = tmp_path / "step-00000003"
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    on_disk = {p.name: p.read_bytes() for p in step_dir.iterdir() if p.name != "manifest.json"}
+    assert set(manifest["files"]) == set(on_disk) == {".metadata", "__0_0.distcp", "trainer_state.json"}
+    for name, blob in on_disk.items():
+        assert manifest["files"][name] == hashlib.sha256(blob).hexdigest(), name
+        assert manifest["sizes"][name] == len(blob), name
+
+
+def test_async_save_holds_the_state_of_save_time_while_training_goes_on(tmp_path: Path) -> None:
+    mgr = manager(f"file://{tmp_path}", async_save=True)
+    model, optimizer = trained_pair()
+    model.register_buffer("stat", torch.zeros(3))  # a buffer a forward could change (BatchNorm-like)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr.save(1, model, optimizer, {"loop": {"global_step": 1}}, best_step=1)
+    # Training continues at once: the buffer changes in the next forward, parameters in the next step
+    # (which first waits for the background copy of the state).
+    model.stat.add_(5.0)
+    model(torch.randn(16, 4)).sum().backward()
+    optimizer.step()
+    mgr.close()
+    assert not torch.equal(model[0].weight, saved["0.weight"])  # the step did change the weights
+    fresh_model, fresh_opt = trained_pair(seed=1)
+    fresh_model.register_buffer("stat", torch.ones(3))
+    loaded = manager(f"file://{tmp_path}")
+    loaded.load(loaded.latest(), fresh_model, fresh_opt)
+    for key, value in fresh_model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    assert mgr.blocked_s > 0
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
     mgr = manager(f"file://{tmp_path}", keep_last=3)
     save_steps(mgr, [1, 2, 3])
@@ -145,6 +184,56 @@ def test_pickle_bearing_checkpoint_is_refused_and_runs_nothing(tmp_path: Path) -
     with pytest.raises(CheckpointError, match="refused.*system, which is not allowed"):
         mgr.load(1, model, optimizer)
     assert not marker.exists()
+
+
+def test_a_tensor_file_that_is_not_tensors_is_refused_without_running_it(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    save_steps(manager(f"file://{root}"), [1])
+    marker = tmp_path / "pwned"
+    step_dir = root / "step-00000001"
+    blob = pickle.dumps(_Payload(marker))
+    (step_dir / "__0_0.distcp").write_bytes(blob)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"]["__0_0.distcp"] = hashlib.sha256(blob).hexdigest()
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    mgr = manager(f"file://{root}")
+    model, optimizer = trained_pair()
+    with pytest.raises(
+        CheckpointError, match="step-00000001 refused: its files do not load as this model's state"
+    ):
+        mgr.load(1, model, optimizer)
+    assert not marker.exists()
+
+
+def test_a_file_changed_after_latest_is_caught_while_loading(tmp_path: Path) -> None:
+    save_steps(manager(f"file://{tmp_path}"), [1])
+    other = manager(f"file://{tmp_path}")
+    data_file = tmp_path / "step-00000001" / "__0_0.distcp"
+    blob = bytearray(data_file.read_bytes())
+    blob[-10] ^= 0xFF
+    data_file.write_bytes(bytes(blob))
+    model, optimizer = trained_pair()
+    with pytest.raises(
+        CheckpointError, match=r"__0_0.distcp does not match its sha256 in manifest.json \(corrupt\)"
+    ):
+        other.load(1, model, optimizer)  # no latest() first: load itself verifies what it reads
+
+
+@pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS", "EACCES"])
+def test_full_or_read_only_destination_is_terminal_and_names_the_fix(errno_name: str) -> None:
+    import errno as errno_module
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from trainer.checkpoint import _storage_error
+
+    code = getattr(errno_module, errno_name)
+    cause = OSError(code, os.strerror(code))
+    # As DCP reports it: a rank's failure wrapped in a CheckpointException, (exception, traceback).
+    error = _storage_error("s3://bucket/ckpt", CheckpointException("write", {1: (cause, None)}))
+    assert isinstance(error, CheckpointError)
+    assert "checkpoint destination s3://bucket/ckpt" in str(error) and "checkpoint.uri" in str(error)
+    assert isinstance(_storage_error("s3://b", ConnectionError("refused")), RetryableError)
 
 
 class S3Endpoint:

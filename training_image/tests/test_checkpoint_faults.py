@@ -23,6 +23,7 @@ import pickle
 import subprocess
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,7 +176,9 @@ def test_fault1_sigkill_mid_epoch_resumes_exactly_with_one_pass_per_epoch(
 def test_fault2_kill_between_data_files_and_manifest_never_uses_that_step(
     finished: TrainerRun, trainer_run: TrainerRun
 ) -> None:
-    proc = trainer_run(nproc=2, max_restarts=1, env={"CTRAIN_FAULT_KILL_BEFORE_MANIFEST": "20"})
+    proc = trainer_run(
+        "distributed.timeout_s=10", nproc=2, max_restarts=1, env={"CTRAIN_FAULT_KILL_BEFORE_MANIFEST": "20"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fault injection: SIGKILL before the manifest of step 20" in proc.stderr
     assert "step-00000020 skipped: no manifest (save did not complete)" in proc.stderr
@@ -200,7 +203,7 @@ def test_fault3_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     finished: TrainerRun, trainer_run: TrainerRun, damage: str
 ) -> None:
     # A first attempt dies before step 25 (no restart): steps 10 and 20 are committed.
-    proc = trainer_run("faults.kill_at_step=25", "faults.kill_rank=0", "faults.step_delay_s=0.05", nproc=2)
+    proc = trainer_run("faults.kill_at_step=25", "faults.kill_rank=1", "faults.step_delay_s=0.05", nproc=2)
     assert proc.returncode != 0
     directory = trainer_run.checkpoint_dir()
     assert committed_steps(directory) == [10, 20]
@@ -232,7 +235,8 @@ def test_fault4_s3_endpoint_gone_during_save_is_retryable_and_a_rerun_resumes(
 ) -> None:
     import boto3
 
-    trainer_run.checkpoint_uri = "s3://ckpt/runs/outage"
+    prefix = f"runs/fault4-{uuid.uuid4().hex}"  # moto keeps every bucket's state for the whole session
+    trainer_run.checkpoint_uri = f"s3://ckpt/{prefix}"
     client = boto3.client("s3", endpoint_url=s3.url)
     outcome: dict[str, subprocess.CompletedProcess[str]] = {}
     # A slow run (0.15 s per step), so the endpoint can be taken away after step 10 is committed and
@@ -243,7 +247,7 @@ def test_fault4_s3_endpoint_gone_during_save_is_retryable_and_a_rerun_resumes(
     worker.start()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        listed = client.list_objects_v2(Bucket="ckpt", Prefix="runs/outage/step-00000010/manifest.json")
+        listed = client.list_objects_v2(Bucket="ckpt", Prefix=f"{prefix}/step-00000010/manifest.json")
         if listed.get("KeyCount"):
             break
         time.sleep(0.05)
@@ -255,13 +259,13 @@ def test_fault4_s3_endpoint_gone_during_save_is_retryable_and_a_rerun_resumes(
     assert proc.returncode != 0
     result = trainer_run.result()
     assert result["exit_code"] == 75 and result["retryable"] is True, result
-    assert "checkpoint storage s3://ckpt/runs/outage" in result["error"]
+    assert f"checkpoint storage {trainer_run.checkpoint_uri}" in result["error"]
 
     s3.start()  # back, with its state
     assert latest(trainer_run.checkpoint_uri) == 10  # never a partial checkpoint
     proc = trainer_run(nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from s3://ckpt/runs/outage/step-00000010" in proc.stderr
+    assert f"resumed from {trainer_run.checkpoint_uri}/step-00000010" in proc.stderr
     assert_same_weights(trainer_run, finished)
     assert epoch_points(trainer_run) == [1, 2, 3]
 
@@ -315,7 +319,7 @@ def test_fault5_full_destination_stops_with_a_clear_error_and_commits_nothing_pa
 def test_fault6_pickle_bearing_metadata_is_refused_and_the_run_starts_fresh(
     finished: TrainerRun, trainer_run: TrainerRun
 ) -> None:
-    proc = trainer_run("faults.kill_at_step=15", "faults.kill_rank=0", "faults.step_delay_s=0.05", nproc=2)
+    proc = trainer_run("faults.kill_at_step=15", "faults.kill_rank=1", "faults.step_delay_s=0.05", nproc=2)
     assert proc.returncode != 0
     directory = trainer_run.checkpoint_dir()
     assert committed_steps(directory) == [10]
@@ -332,7 +336,7 @@ def test_fault6_pickle_bearing_metadata_is_refused_and_the_run_starts_fresh(
 
 
 def test_fault6_pickle_bearing_tensor_file_is_refused_with_a_terminal_error(trainer_run: TrainerRun) -> None:
-    proc = trainer_run("faults.kill_at_step=15", "faults.kill_rank=0", "faults.step_delay_s=0.05", nproc=2)
+    proc = trainer_run("faults.kill_at_step=15", "faults.kill_rank=1", "faults.step_delay_s=0.05", nproc=2)
     assert proc.returncode != 0
     step_dir = trainer_run.checkpoint_dir() / "step-00000010"
     marker = trainer_run.tmp / "payload-ran"
