@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 from sklearn.metrics import roc_auc_score
 from trainer_testkit import FEATURES, TrainerRun
@@ -53,8 +54,8 @@ def test_one_mlflow_run_with_epoch_metrics_params_and_dataset(finished: TrainerR
     assert [d.dataset.digest for d in inputs] == [result["dataset_version"]]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
     assert artifacts == {"weights/model.safetensors"}
-    mlflow.set_tracking_uri(finished.tracking_uri)
-    resolved = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/config/resolved.yaml")
+    local = client.download_artifacts(run.info.run_id, "config/resolved.yaml", str(finished.tmp))
+    resolved = yaml.safe_load(Path(local).read_text())
     assert resolved["train"]["batch_size"] == 64 and resolved["seed"] == 0
     assert resolved["data"]["dataset_uri"] == finished.dataset_uri
     plots = {a.path: a.file_size for a in client.list_artifacts(run.info.run_id, "plots")}
