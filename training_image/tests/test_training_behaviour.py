@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import pandas as pd
 import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
-from trainer_testkit import FEATURES, TrainerRun, write_snapshot
+from trainer_testkit import TrainerRun, served_predictions, write_snapshot
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_losses.json"
 
@@ -156,9 +154,8 @@ def test_regression_task_trains_and_serves(tmp_path: Path) -> None:
     assert {"test_rmse", "test_mae", "test_loss", "best_val_rmse"} <= set(metrics)
     assert metrics["test_rmse"] < 0.3  # the target's std is ~2.7: the model learned the linear rule
     assert metrics["test_loss"] == pytest.approx(metrics["test_rmse"] ** 2, rel=1e-4)
-    mlflow.set_tracking_uri(run.tracking_uri)
-    test = pd.read_parquet(tmp_path / "regression" / "test.parquet")
-    predicted = np.asarray(mlflow.pyfunc.load_model(result["model_uri"]).predict(test[FEATURES])).reshape(-1)
+    test, predicted = served_predictions(run, tmp_path / "regression")
+    predicted = predicted.reshape(-1)
     rmse = float(np.sqrt(np.mean((predicted - test["label"].to_numpy()) ** 2)))
     assert rmse == pytest.approx(metrics["test_rmse"], rel=1e-4)
 
@@ -178,9 +175,7 @@ def test_multiclass_task_trains_with_ddp_and_serves_class_probabilities(tmp_path
     metrics = run.result()["metrics"]
     assert {"test_accuracy", "test_roc_auc", "test_loss", "best_val_accuracy"} <= set(metrics)
     assert metrics["test_accuracy"] > 0.6  # three balanced classes: chance is 1/3
-    mlflow.set_tracking_uri(run.tracking_uri)
-    test = pd.read_parquet(tmp_path / "multiclass" / "test.parquet")
-    probs = np.asarray(mlflow.pyfunc.load_model(run.result()["model_uri"]).predict(test[FEATURES]))
+    test, probs = served_predictions(run, tmp_path / "multiclass")
     assert probs.shape == (len(test), 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     accuracy = float(np.mean(probs.argmax(axis=1) == test["label"].to_numpy()))

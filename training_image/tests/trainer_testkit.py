@@ -178,3 +178,13 @@ class TrainerRun:
         client = MlflowClient(self.tracking_uri)
         found = client.get_experiment_by_name(experiment)
         return client.search_runs([found.experiment_id]) if found else []
+
+
+def served_predictions(run: TrainerRun, snapshot_dir: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """The test split and what the run's exported MLflow model predicts for it (as served)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(run.tracking_uri)
+    test = pd.read_parquet(snapshot_dir / "test.parquet")
+    model = mlflow.pyfunc.load_model(run.result()["model_uri"])
+    return test, np.asarray(model.predict(test[FEATURES]))

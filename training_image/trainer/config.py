@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -19,6 +19,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
 
 TaskType = Literal["binary", "multiclass", "regression"]
 
@@ -297,11 +300,16 @@ class TrainerConfig(_Section):
         return _flatten(self.model_dump(mode="json"))
 
 
+def _in_hash(field: FieldInfo) -> bool:
+    """False for fields declared with :func:`_unhashed`."""
+    extra = field.json_schema_extra
+    return not (isinstance(extra, dict) and extra.get("hashed") is False)
+
+
 def _hashed_part(model: BaseModel) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
-        extra = field.json_schema_extra
-        if isinstance(extra, dict) and extra.get("hashed") is False:
+        if not _in_hash(field):
             continue
         value = getattr(model, name)
         out[name] = _hashed_part(value) if isinstance(value, BaseModel) else value
@@ -412,8 +420,7 @@ def markdown_table() -> str:
 def _fields(model: type[BaseModel], prefix: str = "", hashed: bool = True) -> list[tuple[str, ...]]:
     out: list[tuple[Any, ...]] = []
     for name, field in model.model_fields.items():
-        extra = field.json_schema_extra
-        in_hash = hashed and not (isinstance(extra, dict) and extra.get("hashed") is False)
+        in_hash = hashed and _in_hash(field)
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             out += _fields(annotation, f"{prefix}{name}.", in_hash)
