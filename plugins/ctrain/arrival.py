@@ -6,9 +6,8 @@ import json
 from datetime import date
 from typing import TYPE_CHECKING
 
-import fsspec
-
 from ctrain.datagen import TRANSACTIONS, list_partitions
+from ctrain.features import open_fs, write_bytes
 
 if TYPE_CHECKING:
     from ctrain.settings import Settings
@@ -19,7 +18,7 @@ def _marker(settings: Settings) -> str:
 
 
 def last_announced(settings: Settings) -> date | None:
-    fs, path = fsspec.core.url_to_fs(_marker(settings))
+    fs, path = open_fs(_marker(settings), settings)
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as fh:
@@ -35,5 +34,5 @@ def unannounced_partitions(settings: Settings) -> list[date]:
 
 def mark_announced(settings: Settings, days: list[str]) -> None:
     """Advance the high-water mark to the newest of ``days`` (written whole, never half)."""
-    with fsspec.open(_marker(settings), "w", auto_mkdir=True) as fh:
-        json.dump({"newest": max(days)}, fh)
+    fs, path = open_fs(_marker(settings), settings)
+    write_bytes(fs, path, json.dumps({"newest": max(days)}).encode())

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import fsspec
-
 
 def read_split(snapshot_uri: str, split: str):
     import pandas as pd
 
-    from ctrain.features import read_manifest
+    from ctrain.features import open_fs, read_manifest
 
     manifest = read_manifest(snapshot_uri)
-    with fsspec.open(f"{snapshot_uri}/{manifest['splits'][split]['file']}", "rb") as fh:
+    fs, path = open_fs(f"{snapshot_uri}/{manifest['splits'][split]['file']}")
+    with fs.open(path, "rb") as fh:
         return pd.read_parquet(fh), manifest
 
 

@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import fsspec
-
 from ctrain import lineage, registry
 from ctrain.errors import CtrainError, GovernanceRejected, TrainingFailed
 from ctrain.governance import Policy, decide
@@ -154,7 +152,9 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
 
 
 def _read_result(output_uri: str) -> dict[str, Any] | None:
-    fs, path = fsspec.core.url_to_fs(f"{output_uri}/result.json")
+    from ctrain.features import open_fs
+
+    fs, path = open_fs(f"{output_uri}/result.json")
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as fh:

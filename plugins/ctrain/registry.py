@@ -14,8 +14,6 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-import fsspec
-
 from ctrain.errors import CtrainError
 
 if TYPE_CHECKING:
@@ -144,8 +142,10 @@ def write_audit(settings: Settings, record: AuditRecord) -> str:
     """Write one audit record (never overwritten) and return its URI."""
     uri = (f"{settings.resolved_object_root}/audit/{record.model}/"
            f"{int(record.at * 1000):015d}-v{record.version}-{record.action}.json")
-    with fsspec.open(uri, "w", auto_mkdir=True) as fh:
-        json.dump(asdict(record), fh, indent=2, sort_keys=True)
+    from ctrain.features import open_fs, write_bytes
+
+    fs, path = open_fs(uri, settings)
+    write_bytes(fs, path, json.dumps(asdict(record), indent=2, sort_keys=True).encode())
     return uri
 
 
