@@ -22,3 +22,57 @@ def airflow_cli(args: list[str], env: dict[str, str], timeout: float = 900) -> s
     """Run this venv's Airflow CLI with ``env``; output captured."""
     airflow = str(Path(sys.executable).with_name("airflow"))
     return subprocess.run([airflow, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# Every credential a deployment hands ctrain, each set to a value that must never be written anywhere. (The
+# MLflow user name is not one: MLflow records it as the run's user, on purpose.)
+CANARIES = {
+    "AWS_ACCESS_KEY_ID": "AKIACTRAINCANARY0001",
+    "AWS_SECRET_ACCESS_KEY": "ctrain-canary-aws-secret-7f3a9b",
+    "AWS_SESSION_TOKEN": "ctrain-canary-aws-session-c41d",
+    "MLFLOW_TRACKING_PASSWORD": "ctrain-canary-mlflow-password-92e1",
+    "MLFLOW_TRACKING_TOKEN": "ctrain-canary-mlflow-token-5b7c",
+}
+
+
+def leaks(blobs) -> list[str]:
+    """``where: VAR`` for every canary value found in any ``(where, bytes)`` pair."""
+    found = []
+    for where, blob in blobs:
+        found += [f"{where}: {name}" for name, value in CANARIES.items() if value.encode() in blob]
+    return found
+
+
+def files_under(root: Path):
+    """``(relative path, bytes)`` of every file under ``root``."""
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        yield str(path.relative_to(root)), path.read_bytes()
+
+
+def mlflow_records(tracking_uri: str):
+    """``(what, bytes)`` of every param, tag and artifact of every run, model version and logged model."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(experiment_ids):
+        yield f"run {run.info.run_id} params", repr(run.data.params).encode()
+        yield f"run {run.info.run_id} tags", repr(run.data.tags).encode()
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(client.download_artifacts(run.info.run_id, "", tmp))
+            for name, blob in files_under(local):
+                yield f"run {run.info.run_id} artifact {name}", blob
+    for version in client.search_model_versions():
+        yield f"model version {version.name} v{version.version} tags", repr(version.tags).encode()
+    for model in client.search_logged_models(experiment_ids):
+        yield f"logged model {model.model_id}", repr((model.params, model.tags)).encode()

@@ -11,7 +11,7 @@ import fsspec
 import pytest
 
 from ctrain import datagen
-from support import airflow_cli, make_env
+from support import CANARIES, airflow_cli, files_under, leaks, make_env, mlflow_records
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -22,7 +22,8 @@ DAYS, START, ROWS_PER_DAY = 40, "2026-01-01", 1500
 
 
 def _prepare(home: Path) -> dict[str, str]:
-    env = make_env(home)
+    # Every credential a deployment hands ctrain is set, to a canary that must never be written anywhere.
+    env = {**make_env(home), **CANARIES}
     datagen.generate(home / "data", days=DAYS, start=START, rows_per_day=ROWS_PER_DAY, seed=0)
     migrated = airflow_cli(["db", "migrate"], env)
     assert migrated.returncode == 0, migrated.stdout[-3000:] + migrated.stderr[-3000:]
@@ -198,3 +199,12 @@ def test_demo_summary_shows_dataset_version_and_data_docs(trained):
     with fsspec.open(docs, "rt") as page:  # the printed Data Docs location is a real page
         assert "<html" in page.read(4096).lower()
     assert f"model               : {settings.model_name} v{mv.version}" in text
+
+
+def test_no_credential_reaches_a_log_mlflow_or_storage(trained):
+    settings, first_log, second_log = trained
+    assert "launching:" in first_log  # the trainer ran, in an environment holding the canaries
+    found = leaks([("first DAG run output", first_log.encode()), ("second DAG run output", second_log.encode())])
+    found += leaks(files_under(settings.home))  # airflow.db, mlflow.db, task logs, artifacts, objects, results
+    found += leaks(mlflow_records(settings.resolved_tracking_uri))
+    assert found == []

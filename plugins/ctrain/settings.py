@@ -7,13 +7,19 @@ Every switch between the embedded defaults (``make demo``) and the production pr
 from __future__ import annotations
 
 import os
+import re
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ctrain.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def _default_home() -> Path:
@@ -56,6 +62,57 @@ class Settings(BaseSettings):
     min_test_roc_auc: float = Field(default=0.80, description="Governance: minimum test ROC AUC to promote.")
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO / moto), path-style.")
 
+    # What a trigger may ask of the trainer: the Params' schema carries these bounds (read when the DAG
+    # is parsed) and the train task checks them again, so a trigger cannot exhaust the machine.
+    model_factory_prefixes: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("trainer.model",),
+        description="Comma-separated module prefixes whose factories model.factory may name "
+        "(e.g. trainer.model,my_pkg.models); enforced at trigger time and by the trainer.",
+    )
+    max_epochs: int = Field(default=1000, ge=1, description="Upper bound on train.epochs.")
+    max_steps: int = Field(
+        default=1_000_000, ge=1, description="Upper bound on train.max_steps; the pipeline always sets one."
+    )
+    max_batch_size: int = Field(default=65536, ge=1, description="Upper bound on train.batch_size.")
+    max_train_wall_clock_s: float = Field(
+        default=4 * 3600.0, gt=0,
+        description="Upper bound on train.max_wall_clock_s; the pipeline always sets one (seconds).",
+    )
+
+    # The embedded UIs (`make up`): loopback only unless opened deliberately.
+    ui_host: str = Field(
+        default="127.0.0.1",
+        description="Address the Airflow API server and the MLflow UI of `make up` listen on; "
+        "0.0.0.0 opens them to the network.",
+    )
+    airflow_port: int = Field(default=8080, ge=1, le=65535, description="Port of the Airflow API server/UI.")
+    mlflow_port: int = Field(default=5000, ge=1, le=65535, description="Port of the MLflow UI (`make up`).")
+
+    @field_validator("model_factory_prefixes", mode="before")
+    @classmethod
+    def _split_prefixes(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(p.strip() for p in value.split(",") if p.strip())
+        if isinstance(value, list | tuple):
+            bad = [p for p in value if not _MODULE_PATH.fullmatch(str(p))]
+            if bad or not value:
+                raise ValueError(
+                    f"{','.join(map(str, value))!r}: expected comma-separated "
+                    "dotted module paths such as trainer.model,my_pkg.models"
+                )
+        return value
+
+    @field_validator("object_root", "data_root", "mlflow_tracking_uri", "mlflow_artifact_root", "s3_endpoint_url")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        # These URIs are logged, passed as argv and stored as MLflow tags: a password in one leaks everywhere.
+        if uri and urlsplit(uri).password is not None:
+            raise ValueError(
+                "the URI embeds a password; remove it and pass credentials by environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+            )
+        return uri
+
     @cached_property
     def resolved_object_root(self) -> str:
         return self.object_root or f"file://{self.home / 'objects'}"
@@ -76,4 +133,9 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Settings from the current environment (fresh each call, so tests can monkeypatch env)."""
     os.environ.setdefault("CTRAIN_HOME", str(_default_home()))
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:  # pydantic's own message repeats the value, which may hold a secret
+        problems = [f"CTRAIN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()]
+        raise ConfigError("invalid ctrain settings: " + "; ".join(problems)) from None
