@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import random
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -56,10 +59,16 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path: Path) -> No
     mgr = manager(f"file://{tmp_path}")
     model, optimizer = trained_pair()
     torch.manual_seed(123)
-    rng_before = torch.get_rng_state()
+    random.seed(123)
+    random.gauss(0, 1)  # leaves a cached second normal in python's state
+    np.random.seed(123)
+    np.random.standard_normal()  # and in numpy's
+    rng_before = torch.get_rng_state(), random.getstate(), np.random.get_state()
     mgr.save(7, model, optimizer, {"loop": {"global_step": 7}}, best_step=7)
     mgr.close()
     torch.manual_seed(999)
+    random.seed(999)
+    np.random.seed(999)
     fresh_model, fresh_opt = trained_pair(seed=1)
     loaded = manager(f"file://{tmp_path}")
     assert loaded.latest() == 7
@@ -70,7 +79,11 @@ def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path: Path) -> No
     assert torch.equal(
         optimizer.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"]
     )
-    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert torch.equal(torch.get_rng_state(), rng_before[0])
+    assert random.getstate() == rng_before[1]
+    numpy_state, numpy_before = np.random.get_state(), rng_before[2]
+    assert numpy_state[0] == numpy_before[0] and np.array_equal(numpy_state[1], numpy_before[1])
+    assert numpy_state[2:] == numpy_before[2:]
     manifest = json.loads((tmp_path / "step-00000007" / "manifest.json").read_text())
     assert (
         manifest["config_hash"] == "cfg"
@@ -203,6 +216,164 @@ def test_a_tensor_file_that_is_not_tensors_is_refused_without_running_it(tmp_pat
     ):
         mgr.load(1, model, optimizer)
     assert not marker.exists()
+
+
+def vouch(step_dir: Path, *names: str) -> None:
+    """Make the manifest vouch for the current bytes of ``names`` (an attacker who can write both)."""
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    for name in names:
+        manifest["files"][name] = hashlib.sha256((step_dir / name).read_bytes()).hexdigest()
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def torch_saved(obj: object) -> bytes:
+    """``obj`` as ``torch.save`` writes it: the form DCP stores a bytes item in."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def plant_bytes_entry(step_dir: Path, fqn: str, payload: bytes) -> None:
+    """Re-declare the tensor ``fqn`` of a genuine checkpoint as a DCP bytes item whose bytes are
+    ``payload``, in a ``.metadata`` made only of allow-listed classes, and vouch for it in the manifest."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    from trainer.checkpoint import _parse_metadata
+
+    metadata = _parse_metadata((step_dir / ".metadata").read_bytes())
+    assert fqn in metadata.state_dict_metadata
+    metadata.state_dict_metadata[fqn] = BytesStorageMetadata()
+    metadata.storage_data = {i: info for i, info in metadata.storage_data.items() if i.fqn != fqn}
+    metadata.storage_data[MetadataIndex(fqn)] = _StorageInfo("__9_0.distcp", 0, len(payload))
+    (step_dir / "__9_0.distcp").write_bytes(payload)
+    (step_dir / ".metadata").write_bytes(pickle.dumps(metadata))
+    vouch(step_dir, ".metadata", "__9_0.distcp")
+
+
+def test_a_bytes_entry_in_metadata_is_refused_runs_nothing_and_the_previous_checkpoint_is_used(
+    tmp_path: Path,
+) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root = tmp_path / "ckpt"
+    model, _ = save_steps(manager(f"file://{root}"), [1, 2])
+    marker = tmp_path / "pwned"
+    step_dir = root / "step-00000002"
+    plant_bytes_entry(step_dir, "model.0.weight", torch_saved(_Payload(marker)))
+    # The crafted checkpoint is a live exploit: stock DCP loading runs its payload.
+    dcp.load({"model.0.weight": torch.zeros(8, 4)}, storage_reader=FileSystemReader(step_dir), no_dist=True)
+    assert marker.exists()
+    marker.unlink()
+
+    mgr = manager(f"file://{root}")
+    assert mgr.latest() == 1
+    assert any(
+        "step-00000002 skipped: .metadata refused" in e and "model.0.weight is a bytes item" in e
+        for e in mgr.events
+    )
+    fresh_model, fresh_opt = trained_pair(seed=1)
+    mgr.load(1, fresh_model, fresh_opt)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values(), strict=True)
+    )
+    # Loading that step directly (not through latest()) is refused as a terminal error.
+    with pytest.raises(
+        CheckpointError, match="step-00000002 refused.*model.0.weight is a bytes item"
+    ) as info:
+        mgr.load(2, fresh_model, fresh_opt)
+    assert info.value.exit_code == 65
+    with pytest.raises(CheckpointError, match="step-00000002 refused.*bytes item"):
+        mgr.load_model(2, fresh_model)
+    assert not marker.exists()
+
+
+def test_the_load_planner_refuses_bytes_items_without_unpickling_them(tmp_path: Path) -> None:
+    # Defense in depth behind the metadata check: DCP's own planner torch.load()s bytes items with
+    # weights_only=False; ours refuses them.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from trainer.checkpoint import _causes, _TensorsOnlyLoadPlanner
+
+    marker = tmp_path / "pwned"
+    dcp.save({"obj": _Payload(marker)}, storage_writer=FileSystemWriter(tmp_path / "ckpt"), no_dist=True)
+    with pytest.raises(CheckpointException) as info:
+        dcp.load(
+            {"obj": None},
+            storage_reader=FileSystemReader(tmp_path / "ckpt"),
+            planner=_TensorsOnlyLoadPlanner(),
+            no_dist=True,
+        )
+    (refusal,) = [c for c in _causes(info.value) if isinstance(c, CheckpointError)]
+    assert "checkpoint entry obj is a bytes item" in str(refusal)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("label", "malformed"),
+    [
+        ("a list", lambda m: []),
+        ("null", lambda m: None),
+        ("a number", lambda m: 1),
+        ("a string", lambda m: "x"),
+        ("step is a string", lambda m: {**m, "step": "2"}),
+        ("step is a bool", lambda m: {**m, "step": True}),
+        ("step is missing", lambda m: {k: v for k, v in m.items() if k != "step"}),
+        ("files is a list", lambda m: {**m, "files": list(m["files"])}),
+        ("a digest is a number", lambda m: {**m, "files": {**m["files"], ".metadata": 5}}),
+        (
+            "a name is a path",
+            lambda m: {**m, "files": {**m["files"], "../step-00000001/.metadata": "0" * 64}},
+        ),
+        ("no .metadata", lambda m: {**m, "files": {k: v for k, v in m["files"].items() if k != ".metadata"}}),
+    ],
+)
+def test_a_malformed_manifest_is_skipped_with_a_reason_and_refused_by_load(
+    tmp_path: Path, label: str, malformed: Any
+) -> None:
+    save_steps(manager(f"file://{tmp_path}"), [1, 2])
+    path = tmp_path / "step-00000002" / "manifest.json"
+    path.write_text(json.dumps(malformed(json.loads(path.read_text()))))
+    mgr = manager(f"file://{tmp_path}")
+    assert mgr.latest() == 1, label
+    assert any("step-00000002 skipped: manifest.json is malformed" in e for e in mgr.events), mgr.events
+    model, optimizer = trained_pair()
+    expected = r"step-00000002/manifest.json is malformed \(.+\)\. Delete the step directory"
+    with pytest.raises(CheckpointError, match=expected):
+        mgr.load(2, model, optimizer)
+    with pytest.raises(CheckpointError, match=expected):
+        mgr.load_model(2, model)
+
+
+@pytest.mark.parametrize("content", ["[]", '{"loop": {}}', '{"loop": 3, "optimizer_param_groups": []}'])
+def test_a_malformed_trainer_state_is_skipped_and_refused_by_load(tmp_path: Path, content: str) -> None:
+    save_steps(manager(f"file://{tmp_path}"), [1, 2])
+    step_dir = tmp_path / "step-00000002"
+    (step_dir / "trainer_state.json").write_text(content)
+    vouch(step_dir, "trainer_state.json")
+    mgr = manager(f"file://{tmp_path}")
+    assert mgr.latest() == 1
+    assert any("step-00000002 skipped: trainer_state.json refused" in e for e in mgr.events), mgr.events
+    model, optimizer = trained_pair()
+    with pytest.raises(CheckpointError, match="step-00000002 refused: trainer_state.json .*Delete the step"):
+        mgr.load(2, model, optimizer)
+
+
+def test_a_manifest_that_is_not_json_is_refused_by_load(tmp_path: Path) -> None:
+    save_steps(manager(f"file://{tmp_path}"), [1])
+    (tmp_path / "step-00000001" / "manifest.json").write_text('{"step": 1, "files": ')
+    mgr = manager(f"file://{tmp_path}")
+    assert mgr.latest() is None
+    assert any("step-00000001 skipped: manifest.json is not valid JSON" in e for e in mgr.events)
+    model, optimizer = trained_pair()
+    with pytest.raises(
+        CheckpointError, match=r"step-00000001/manifest.json is not valid JSON.*Delete the step"
+    ):
+        mgr.load(1, model, optimizer)
 
 
 def test_a_file_changed_after_latest_is_caught_while_loading(tmp_path: Path) -> None:

@@ -1,10 +1,11 @@
 """Checkpoints on object storage: torch.distributed.checkpoint (DCP) through fsspec, with a commit manifest.
 
 Layout: ``{checkpoint.uri}/step-{N:08d}/`` holds the DCP files (tensors only: model, optimizer state,
-per-rank RNG), ``trainer_state.json`` (counters, early-stopping state, scheduler, optimizer
-hyper-parameters, MLflow run id) and, written last by rank 0, ``manifest.json`` with the sha256 and size
-of every other file, the step, config hash, world size and dataset version. A step directory without a
-valid manifest does not exist as far as :meth:`CheckpointManager.latest` is concerned.
+per-rank RNG of torch, python's ``random`` and numpy's ``np.random``), ``trainer_state.json``
+(counters, early-stopping state, scheduler, optimizer hyper-parameters, MLflow run id) and, written last
+by rank 0, ``manifest.json`` with the sha256 and size of every other file, the step, config hash, world
+size and dataset version. A step directory without a valid manifest (a JSON object of that shape) does
+not exist as far as :meth:`CheckpointManager.latest` is concerned.
 
 Saving never reads a file back: every byte DCP writes goes through a hashing stream, each rank's digests
 travel to the coordinator with DCP's own write results, and rank 0 writes the manifest from them. With
@@ -16,7 +17,10 @@ Loading reads each file whole, once, and checks its sha256 before DCP sees a byt
 verifies the newest candidate on rank 0 and keeps its bytes, which ``load()`` then uses on rank 0, so the
 verification is the read. Nothing from storage is unpickled freely: tensors are read with
 ``torch.load(weights_only=True)`` by DCP, non-tensor state is JSON, and DCP's ``.metadata`` goes through
-an allow-list unpickler, after its sha256 has been checked against the manifest.
+an allow-list unpickler, after its sha256 has been checked against the manifest. The manifest can be
+rewritten by whoever can write the files, so the metadata is also checked to declare only tensors: a
+"bytes" entry (which DCP would ``torch.load(weights_only=False)``) makes the step invalid, and the load
+planner refuses bytes entries as well.
 
 Fault injection (tests only): ``CTRAIN_FAULT_KILL_BEFORE_MANIFEST=N`` makes rank 0 SIGKILL itself after
 writing every file of step N except ``manifest.json``, on a first torchrun attempt only.
@@ -31,6 +35,7 @@ import json
 import logging
 import os
 import pickle
+import random
 import signal
 import threading
 import time
@@ -41,6 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FileSystem as _DcpFsspecFileSystem
@@ -61,7 +67,7 @@ if TYPE_CHECKING:
 
     from torch import nn
     from torch.distributed.checkpoint.metadata import Metadata
-    from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+    from torch.distributed.checkpoint.planner import ReadItem, SavePlan, SavePlanner
     from torch.utils.hooks import RemovableHandle
 
     from trainer.distributed import DistContext
@@ -87,15 +93,21 @@ def _basename(path: str | os.PathLike[str]) -> str:
     return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
 
 
+class _BytesItem:
+    """Stands in for DCP's ``BytesStorageMetadata`` while unpickling, so the refusal can name the entry."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickler for DCP ``.metadata`` that resolves only the classes DCP's metadata is made of."""
+    """Unpickler for DCP ``.metadata`` that resolves only the classes a tensors-only checkpoint's metadata
+    is made of. ``BytesStorageMetadata`` is not one of them: it declares an entry as a pickled object,
+    which DCP's loader would ``torch.load(weights_only=False)``, i.e. run; it becomes an inert
+    :class:`_BytesItem`, which :func:`_parse_metadata` refuses."""
 
     _ALLOWED = {
         ("torch.distributed.checkpoint.metadata", name)
         for name in (
             "Metadata",
             "TensorStorageMetadata",
-            "BytesStorageMetadata",
             "TensorProperties",
             "ChunkStorageMetadata",
             "MetadataIndex",
@@ -113,17 +125,112 @@ class _MetadataUnpickler(pickle.Unpickler):
             module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         ):
             return super().find_class(module, name)
+        if (module, name) == ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"):
+            return _BytesItem
         raise pickle.UnpicklingError(f"checkpoint metadata references {module}.{name}, which is not allowed")
 
 
+def _bytes_item_refused(fqn: str) -> str:
+    return (
+        f"checkpoint entry {fqn} is a bytes item (a pickled object, which DCP would load with "
+        "torch.load(weights_only=False) and so run); ctrain checkpoints hold only tensors"
+    )
+
+
 def _parse_metadata(blob: bytes) -> Metadata:
-    """DCP ``.metadata`` through the allow-list unpickler (raises UnpicklingError for anything else)."""
+    """DCP ``.metadata`` through the allow-list unpickler, checked to describe only tensors stored in
+    plain files of the step directory (raises UnpicklingError for anything else)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+
     try:
-        return _MetadataUnpickler(io.BytesIO(blob)).load()
+        metadata = _MetadataUnpickler(io.BytesIO(blob)).load()
     except pickle.UnpicklingError:
         raise
     except Exception as exc:  # truncated or garbage bytes surface as many exception types
         raise pickle.UnpicklingError(f"unreadable DCP metadata ({type(exc).__name__}: {exc})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise pickle.UnpicklingError(f"checkpoint metadata is a {type(metadata).__name__}, not DCP Metadata")
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, _BytesItem):
+            raise pickle.UnpicklingError(_bytes_item_refused(fqn))
+        if not isinstance(entry, TensorStorageMetadata):
+            raise pickle.UnpicklingError(f"checkpoint metadata entry {fqn} is a {type(entry).__name__}")
+    storage = metadata.storage_data
+    if not isinstance(storage, dict) or not all(
+        isinstance(index, MetadataIndex)
+        and isinstance(info, _StorageInfo)
+        and _is_file_name(info.relative_path)
+        and not info.transform_descriptors  # ctrain writes none; a zstd one could be a decompression bomb
+        for index, info in storage.items()
+    ):
+        raise pickle.UnpicklingError(
+            "checkpoint metadata's storage entries must name plain files of the step directory, untransformed"
+        )
+    return metadata
+
+
+def _is_file_name(name: object) -> bool:
+    """A plain file name in the step directory (no separator, not ``.``/``..``)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+class _MalformedManifest(ValueError):
+    """``manifest.json`` is not the object :meth:`CheckpointManager._commit` writes (message: why)."""
+
+
+# Fields of the manifest that reading relies on, and what each must be.
+_MANIFEST_FIELDS: dict[str, tuple[type, str]] = {
+    "step": (int, "an integer"),
+    "world_size": (int, "an integer"),
+    "config_hash": (str, "a string"),
+    "dataset_version": (str, "a string"),
+}
+
+
+def _parse_manifest(blob: bytes, step: int) -> dict[str, Any]:
+    """The manifest of ``step`` from its bytes; raises _MalformedManifest saying what is wrong."""
+    try:
+        manifest = json.loads(blob)
+    except ValueError as exc:  # also undecodable bytes
+        raise _MalformedManifest(f"is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise _MalformedManifest(f"is malformed (a JSON {_json_kind(manifest)}, not an object)")
+    for key, (kind, expected) in _MANIFEST_FIELDS.items():
+        if key not in manifest:
+            raise _MalformedManifest(f"is malformed ({key} is missing)")
+        value = manifest[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _MalformedManifest(
+                f"is malformed ({key} is the {_json_kind(value)} {json.dumps(value)}, expected {expected})"
+            )
+    if manifest["step"] != step:
+        raise _MalformedManifest(f"is malformed (step is {manifest['step']}, expected {step})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+        _is_file_name(name) and isinstance(digest, str) for name, digest in files.items()
+    ):
+        raise _MalformedManifest(
+            "is malformed (files must map file names of the step directory to sha256 digests)"
+        )
+    if ".metadata" not in files:
+        raise _MalformedManifest("is malformed (files does not list .metadata)")
+    return manifest
+
+
+def _json_kind(value: object) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _parse_trainer_state(blob: bytes) -> dict[str, Any]:
+    """``trainer_state.json`` from its bytes; raises ValueError unless it has the shape load relies on."""
+    state = json.loads(blob)
+    if not isinstance(state, dict) or not isinstance(state.get("loop"), dict):
+        raise ValueError("is not an object with a loop object")
+    if not isinstance(state.get("optimizer_param_groups"), list):
+        raise ValueError("has no optimizer_param_groups list")
+    return state
 
 
 # ---- writing: hash every byte on its way out -----------------------------------------------------
@@ -305,6 +412,16 @@ class _SafeReader(FsspecReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class _TensorsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, minus bytes items: DCP would ``torch.load(weights_only=False)`` them.
+
+    ``_parse_metadata`` already refuses metadata that declares one; this is the second lock, so no
+    checkpoint path reaches that ``torch.load`` whatever the metadata check misses."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        raise CheckpointError(_bytes_item_refused(read_item.dest_index.fqn))
 
 
 @dataclass
@@ -567,16 +684,13 @@ class CheckpointManager:
         ``.metadata`` parses with the allow-list unpickler. The verified bytes are kept for ``load``."""
         path = self._step_path(step)
         try:
-            manifest = json.loads(self.fs.cat_file(f"{path}/{MANIFEST}"))
+            manifest = _parse_manifest(self.fs.cat_file(f"{path}/{MANIFEST}"), step)
         except FileNotFoundError:
             return Verdict(step, False, "no manifest (save did not complete)")
-        except ValueError:
-            return Verdict(step, False, "manifest.json is not valid JSON")
-        files = manifest.get("files")
-        if manifest.get("step") != step or not isinstance(files, dict) or ".metadata" not in files:
-            return Verdict(step, False, "manifest.json is malformed", manifest)
+        except _MalformedManifest as exc:
+            return Verdict(step, False, f"{MANIFEST} {exc}")
         blobs: dict[str, bytes] = {}
-        for name, expected in files.items():
+        for name, expected in manifest["files"].items():
             try:
                 blob = self.fs.cat_file(f"{path}/{name}")
             except FileNotFoundError:
@@ -588,6 +702,11 @@ class CheckpointManager:
             _parse_metadata(blobs[".metadata"])
         except pickle.UnpicklingError as exc:
             return Verdict(step, False, f".metadata refused: {exc}", manifest)
+        if TRAINER_STATE in blobs:
+            try:
+                _parse_trainer_state(blobs[TRAINER_STATE])
+            except ValueError as exc:
+                return Verdict(step, False, f"{TRAINER_STATE} refused: {exc}", manifest)
         self._verified = (step, blobs)
         return Verdict(step, True, "", manifest)
 
@@ -660,12 +779,18 @@ class CheckpointManager:
             )
 
     def read_manifest(self, step: int) -> dict[str, Any]:
+        """The manifest of ``step``, checked for shape (not against the files: loading does that)."""
         try:
-            return json.loads(self.fs.cat_file(f"{self._step_path(step)}/{MANIFEST}"))
+            return _parse_manifest(self.fs.cat_file(f"{self._step_path(step)}/{MANIFEST}"), step)
         except FileNotFoundError:
             raise CheckpointError(
                 f"checkpoint {self.step_uri(step)} has no manifest.json: it was never committed; "
                 "resume from latest() instead"
+            ) from None
+        except _MalformedManifest as exc:
+            raise CheckpointError(
+                f"checkpoint {join(self.step_uri(step), MANIFEST)} {exc}. Delete the step directory to resume "
+                "from the previous checkpoint, or use a fresh checkpoint.uri"
             ) from None
 
     def load(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -679,9 +804,14 @@ class CheckpointManager:
         if same_world:  # RNG streams are per rank; after resharding each rank starts a fresh stream
             tensors["rng"] = _rng_state(self.ctx.rank)
         verified = self._dcp_load(step, manifest, tensors)
-        state = json.loads(
-            verified[TRAINER_STATE] if TRAINER_STATE in verified else self._read_state(step, manifest)
-        )
+        blob = verified[TRAINER_STATE] if TRAINER_STATE in verified else self._read_state(step, manifest)
+        try:
+            state = _parse_trainer_state(blob)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"checkpoint {self.step_uri(step)} refused: {TRAINER_STATE} {exc}. Delete the step "
+                "directory to resume from the previous checkpoint, or use a fresh checkpoint.uri"
+            ) from None
         optim_sd["param_groups"] = state["optimizer_param_groups"]
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         if same_world:
@@ -720,7 +850,7 @@ class CheckpointManager:
             raise
         except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
             raise _storage_error(self.step_uri(step), exc) from exc
-        planner = DefaultLoadPlanner(allow_partial_load=True)
+        planner = _TensorsOnlyLoadPlanner(allow_partial_load=True)
         try:
             dcp.load(
                 tensors,
@@ -784,7 +914,13 @@ def _tensor_leaves(optim_state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rng_state(rank: int) -> dict[str, torch.Tensor]:
-    state = {f"torch_rank{rank}": torch.get_rng_state()}
+    """This rank's global RNG states (torch, CUDA, python's ``random``, numpy's legacy ``np.random``) as
+    tensors, so they are checkpointed like the rest (and never pickled)."""
+    state = {
+        f"torch_rank{rank}": torch.get_rng_state(),
+        f"python_rank{rank}": _python_rng_tensor(random.getstate()),
+        f"numpy_rank{rank}": _numpy_rng_tensor(np.random.get_state()),
+    }
     if torch.cuda.is_available():
         state[f"cuda_rank{rank}"] = torch.cuda.get_rng_state()
     return state
@@ -792,8 +928,44 @@ def _rng_state(rank: int) -> dict[str, torch.Tensor]:
 
 def _set_rng_state(state: dict[str, torch.Tensor], rank: int) -> None:
     torch.set_rng_state(state[f"torch_rank{rank}"])
+    random.setstate(_python_rng_state(state[f"python_rank{rank}"]))
+    np.random.set_state(_numpy_rng_state(state[f"numpy_rank{rank}"]))
     if torch.cuda.is_available():
         torch.cuda.set_rng_state(state[f"cuda_rank{rank}"])
+
+
+# Python's Mersenne Twister state is (version, 625 words, cached gauss or None); numpy's legacy one is
+# ("MT19937", 624 words, position, has_gauss, cached_gaussian). Both become one int64 tensor each, a
+# cached normal as its float64 bits.
+def _float_bits(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float64).view(torch.int64).item())
+
+
+def _bits_float(bits: int) -> float:
+    return float(torch.tensor([bits], dtype=torch.int64).view(torch.float64).item())
+
+
+def _python_rng_tensor(state: tuple[Any, ...]) -> torch.Tensor:
+    version, words, gauss = state
+    cached = [0, 0] if gauss is None else [1, _float_bits(gauss)]
+    return torch.tensor([version, *words, *cached], dtype=torch.int64)
+
+
+def _python_rng_state(tensor: torch.Tensor) -> tuple[Any, ...]:
+    values = tensor.tolist()
+    version, words, (has_gauss, gauss) = values[0], tuple(values[1:-2]), values[-2:]
+    return version, words, _bits_float(gauss) if has_gauss else None
+
+
+def _numpy_rng_tensor(state: tuple[Any, ...]) -> torch.Tensor:
+    _, words, position, has_gauss, gauss = state  # the legacy global RandomState is always MT19937
+    return torch.tensor([*words.tolist(), position, has_gauss, _float_bits(gauss)], dtype=torch.int64)
+
+
+def _numpy_rng_state(tensor: torch.Tensor) -> tuple[Any, ...]:
+    values = tensor.tolist()
+    words = np.array(values[:-3], dtype=np.uint32)
+    return "MT19937", words, values[-3], values[-2], _bits_float(values[-1])
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
