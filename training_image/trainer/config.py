@@ -94,6 +94,24 @@ class ModelConfig(_Section):
         default_factory=dict,
         description="Keyword arguments passed to the factory (e.g. hidden_sizes, dropout).",
     )
+    factory_prefixes: list[str] | None = _unhashed(
+        default=None,
+        description="Module prefixes model.factory must be under; null allows any module (command-line "
+        "use). The pipeline always sets it from CTRAIN_MODEL_FACTORY_PREFIXES.",
+    )
+
+    @model_validator(mode="after")
+    def _factory_is_allowed(self) -> ModelConfig:
+        # Checked at load, before anything is imported: a trigger must not choose what the trainer runs.
+        module = self.factory.partition(":")[0]
+        allowed = self.factory_prefixes
+        if allowed is not None and not any(module == p or module.startswith(f"{p}.") for p in allowed):
+            raise ValueError(
+                f"model.factory {self.factory!r}: module {module!r} is not under the allowed prefixes "
+                f"{', '.join(allowed) or '(none)'} (model.factory_prefixes); to allow it, add its package "
+                "to CTRAIN_MODEL_FACTORY_PREFIXES"
+            )
+        return self
 
 
 class OptimizerConfig(_Section):
@@ -437,7 +455,7 @@ def _fields(model: type[BaseModel], prefix: str = "", hashed: bool = True) -> li
 
 
 # Set by the pipeline itself (or test-only): not offered as overrides in the DAG's Params.
-PIPELINE_OWNED = ("data.", "checkpoint.uri", "output.", "faults.")
+PIPELINE_OWNED = ("data.", "checkpoint.uri", "output.", "faults.", "model.factory_prefixes")
 
 
 def overrides_schema() -> dict[str, Any]:
@@ -456,7 +474,14 @@ def overrides_schema() -> dict[str, Any]:
         for key, sub in full["$defs"][ref.rsplit("/", 1)[1]]["properties"].items():
             properties[f"{section}.{key}"] = _strip_titles(sub)
     properties = {k: v for k, v in properties.items() if not k.startswith(PIPELINE_OWNED)}
-    return {"type": "object", "additionalProperties": False, "properties": properties}
+    # Unknown keys are refused through propertyNames rather than additionalProperties: false, because
+    # jsonschema's message (which Airflow returns as the HTTP 400 body) prints the schema node that
+    # failed; for additionalProperties that is the whole schema (~24,000 characters), here it is the
+    # one-line rule below, after the key itself.
+    unknown_key = {"description": "not a trainer override key: the keys are listed in training_image/README.md; "
+                   f"{', '.join(p + '*' if p.endswith('.') else p for p in PIPELINE_OWNED)} are set by the pipeline"}
+    return {"type": "object", "properties": properties,
+            "propertyNames": {"if": {"enum": sorted(properties)}, "else": {"not": unknown_key}}}
 
 
 def _strip_titles(node: Any) -> Any:
