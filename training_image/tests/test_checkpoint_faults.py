@@ -1,14 +1,16 @@
 """The six checkpoint fault-injection tests of issue 4, each on real 2-process gloo runs (torchrun).
 
-1. SIGKILL of one rank mid-epoch: torchrun restarts, the run resumes exactly, one pass per epoch.
+1. SIGKILL of one rank mid-epoch: torchrun restarts, the run resumes exactly, one pass per epoch; also
+   for a model that draws from python's and numpy's global RNG.
 2. Kill during a save (data files written, manifest not): that step is skipped and cleaned up.
 3. A flipped byte / truncated file in the newest checkpoint: detected by checksum, previous one used.
 4. The S3 endpoint goes away during a save: retryable exit, latest stays committed, a rerun resumes.
 5. A read-only or full destination: the run stops with a clear, terminal error; nothing half-committed.
-6. A pickle-bearing checkpoint: refused, its payload never runs.
+6. A pickle-bearing checkpoint (in ``.metadata``, a tensor file, or a bytes entry the metadata declares):
+   refused, its payload never runs.
 
-The reference is the uninterrupted run of the same config and seed (the ``finished`` fixture); "exact"
-means its exported weights are ``torch.equal``. Read-only and full destinations are real filesystem
+The reference is the uninterrupted run of the same config and seed (the ``finished`` fixture, or a run
+of the test's own model); "exact" means its exported weights are ``torch.equal``. Read-only and full destinations are real filesystem
 conditions: a tmpfs mounted read-only (EROFS) or too small for a second checkpoint (ENOSPC), which stop
 root as well (chmod would not).
 """
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import pickle
+import random
 import subprocess
 import threading
 import time
@@ -28,11 +31,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
-from test_checkpoint import s3  # noqa: F401  (a fixture, used by test 4)
+from test_checkpoint import plant_bytes_entry, s3, torch_saved  # noqa: F401  (s3: a fixture, used by test 4)
 from trainer_testkit import FEATURES, TrainerRun
 
 from trainer.checkpoint import CheckpointManager
@@ -68,6 +72,22 @@ def recording_mlp(spec: ModelSpec, **kwargs: Any) -> nn.Module:
                 stream.write(json.dumps(args[0].tolist()) + "\n")
 
     model.register_forward_pre_hook(record)
+    return model
+
+
+def noisy_mlp(spec: ModelSpec, **kwargs: Any) -> nn.Module:
+    """``fraud_mlp`` whose training forward scales its input by noise from python's ``random`` and numpy's
+    ``np.random``: a user model relying on the global RNGs the trainer seeds per rank."""
+    model = fraud_mlp(spec, **kwargs)
+
+    def jitter(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor] | None:
+        if not module.training:
+            return None
+        (x,) = args
+        noise = torch.from_numpy(np.random.normal(1.0, 0.05, size=tuple(x.shape))).to(x.dtype)
+        return (x * noise * random.gauss(1.0, 0.05),)
+
+    model.register_forward_pre_hook(jitter)
     return model
 
 
@@ -170,6 +190,29 @@ def test_fault1_sigkill_mid_epoch_resumes_exactly_with_one_pass_per_epoch(
             consumed[math.ceil(step / STEPS_PER_EPOCH)] += [ids[tuple(r)] for r in json.loads(line)]
     for epoch, seen in consumed.items():
         assert sorted(seen) == sorted(ids.values()), f"epoch {epoch} is not exactly one pass"
+
+
+def test_fault1_a_model_drawing_from_python_and_numpy_rng_resumes_exactly(
+    tmp_path: Path, snapshot_uri: str
+) -> None:
+    overrides = ("model.factory=test_checkpoint_faults:noisy_mlp", "checkpoint.every_steps=5")
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    reference = TrainerRun(tmp_path / "reference", snapshot_uri)
+    proc = reference(*overrides, nproc=2, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = TrainerRun(tmp_path / "resumed", snapshot_uri)
+    proc = resumed(
+        *overrides,
+        "faults.kill_at_step=17",
+        "faults.kill_rank=1",
+        "faults.step_delay_s=0.05",
+        nproc=2,
+        max_restarts=1,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step-00000015" in proc.stderr
+    assert_same_weights(resumed, reference)
 
 
 # ---- 2 ------------------------------------------------------------------------------------------
@@ -333,6 +376,27 @@ def test_fault6_pickle_bearing_metadata_is_refused_and_the_run_starts_fresh(
     assert "resumed from" not in proc.stderr
     assert not marker.exists()
     assert_same_weights(trainer_run, finished)  # trained from scratch, same seed
+
+
+def test_fault6_bytes_entry_in_metadata_is_refused_and_the_previous_checkpoint_is_used(
+    finished: TrainerRun, trainer_run: TrainerRun
+) -> None:
+    # A first attempt dies before step 25 (no restart): steps 10 and 20 are committed.
+    proc = trainer_run("faults.kill_at_step=25", "faults.kill_rank=1", "faults.step_delay_s=0.05", nproc=2)
+    assert proc.returncode != 0
+    directory = trainer_run.checkpoint_dir()
+    assert committed_steps(directory) == [10, 20]
+    marker = trainer_run.tmp / "payload-ran"
+    # Rank 1's RNG entry becomes a pickled object: only allow-listed classes, a manifest that vouches.
+    plant_bytes_entry(directory / "step-00000020", "rng.torch_rank1", torch_saved(_Payload(marker)))
+
+    proc = trainer_run(nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "step-00000020 skipped: .metadata refused" in proc.stderr
+    assert "rng.torch_rank1 is a bytes item" in proc.stderr
+    assert "resumed from" in proc.stderr and "step-00000010" in proc.stderr
+    assert not marker.exists()
+    assert_same_weights(trainer_run, finished)
 
 
 def test_fault6_pickle_bearing_tensor_file_is_refused_with_a_terminal_error(trainer_run: TrainerRun) -> None:
