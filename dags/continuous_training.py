@@ -20,11 +20,19 @@ import pendulum
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from assets import TRANSACTIONS
+from ctrain.errors import fail_fast
+from ctrain.params import trainer_overrides_schema
+from ctrain.settings import get_settings
 
 # Generated from the trainer's config models (`python -m trainer overrides-schema`; a test keeps it
-# current): the UI form rejects unknown keys and bad values at trigger time.
-TRAINER_OVERRIDES_SCHEMA = json.loads((Path(__file__).parent / "trainer_overrides.schema.json").read_text())
+# current) and narrowed by the operator's settings (factory allow-list, ceilings; env vars only): a
+# trigger with an unknown key, a bad value or one beyond a limit is refused before anything runs.
+TRAINER_OVERRIDES_SCHEMA = trainer_overrides_schema(
+    json.loads((Path(__file__).parent / "trainer_overrides.schema.json").read_text()), get_settings()
+)
 
+# Every task wears @fail_fast: a terminal error (bad Param, bad data, a failed gate) fails at once,
+# only retryable ones (lost peer, storage, MLflow unavailable) spend these retries.
 DEFAULT_ARGS = {
     "owner": "ml-platform",
     "retries": 1,
@@ -57,84 +65,64 @@ DEFAULT_ARGS = {
 )
 def continuous_training():
     @task
+    @fail_fast
     def build_dataset() -> dict:
         from ctrain import pipeline
-        from ctrain.settings import get_settings
 
         params = get_current_context()["params"]
         return pipeline.build_dataset(get_settings(), start=params["start"], end=params["end"])
 
-    @task(retries=0)
+    @task
+    @fail_fast
     def validate(snapshot: dict) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
         from ctrain import pipeline
-        from ctrain.errors import ValidationFailed
-        from ctrain.settings import get_settings
 
-        try:
-            return pipeline.validate(get_settings(), snapshot)
-        except ValidationFailed as exc:  # bad data does not get better with retries
-            raise AirflowFailException(str(exc)) from exc
+        return pipeline.validate(get_settings(), snapshot)
 
     @task
+    @fail_fast
     def materialize_online(snapshot: dict, validation: dict) -> dict:
         from ctrain import pipeline
-        from ctrain.settings import get_settings
 
         # validation is an input for ordering only: unvalidated features never reach serving.
         return pipeline.materialize_online(get_settings(), snapshot)
 
     @task(retries=2, retry_exponential_backoff=True)
+    @fail_fast
     def train(snapshot: dict, validation: dict) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
         from ctrain import pipeline
-        from ctrain.errors import TrainingFailed
-        from ctrain.settings import get_settings
 
         ctx = get_current_context()
-        try:
-            return pipeline.train(get_settings(), snapshot, validation, dag_id=ctx["dag"].dag_id,
-                                  dag_run_id=ctx["run_id"], overrides=ctx["params"]["trainer_overrides"],
-                                  sink=lambda line: print(line, flush=True))
-        except TrainingFailed as exc:
-            if not exc.retryable:
-                raise AirflowFailException(str(exc)) from exc
-            raise
+        return pipeline.train(get_settings(), snapshot, validation, dag_id=ctx["dag"].dag_id,
+                              dag_run_id=ctx["run_id"], overrides=ctx["params"]["trainer_overrides"],
+                              sink=lambda line: print(line, flush=True))
 
     @task
+    @fail_fast
     def evaluate(training: dict, snapshot: dict) -> dict:
         from ctrain import pipeline
-        from ctrain.settings import get_settings
 
         return pipeline.evaluate(get_settings(), training, snapshot)
 
     @task
+    @fail_fast
     def register(training: dict, snapshot: dict, validation: dict, evaluation: dict) -> dict:
         from ctrain import pipeline
-        from ctrain.settings import get_settings
 
         # evaluation is an input only for ordering: a model that fails evaluation is never registered.
         return pipeline.register(get_settings(), training, snapshot, validation, get_current_context()["run_id"])
 
-    @task(retries=0)
+    @task
+    @fail_fast
     def govern(evaluation: dict, registration: dict) -> dict:
-        from airflow.sdk.exceptions import AirflowFailException
-
         from ctrain import pipeline
-        from ctrain.errors import GovernanceRejected
-        from ctrain.settings import get_settings
 
-        try:
-            return pipeline.govern(get_settings(), evaluation, get_current_context()["params"]["min_test_roc_auc"])
-        except GovernanceRejected as exc:
-            raise AirflowFailException(str(exc)) from exc
+        return pipeline.govern(get_settings(), evaluation, get_current_context()["params"]["min_test_roc_auc"])
 
     @task
+    @fail_fast
     def promote(registration: dict, evaluation: dict, decision: dict) -> dict:
         from ctrain import pipeline
-        from ctrain.settings import get_settings
 
         return pipeline.promote(get_settings(), registration, evaluation, decision, get_current_context()["run_id"])
 

@@ -15,6 +15,7 @@ import pendulum
 from airflow.sdk import dag, task
 
 from assets import TRANSACTIONS
+from ctrain.errors import fail_fast
 
 
 @dag(
@@ -28,6 +29,7 @@ from assets import TRANSACTIONS
     tags=["ctrain", "sensor", "data-arrival"],
 )
 def transactions_arrival():
+    # Not @fail_fast: with soft_fail an AirflowFailException would become a silent skip.
     @task.sensor(poke_interval=60, timeout=25 * 60, mode="reschedule", soft_fail=True)
     def new_partitions():
         from airflow.sdk import PokeReturnValue
@@ -39,6 +41,7 @@ def transactions_arrival():
         return PokeReturnValue(is_done=bool(days), xcom_value=[d.isoformat() for d in days])
 
     @task(outlets=[TRANSACTIONS])
+    @fail_fast
     def announce(days: list[str], *, outlet_events=None):
         from ctrain.arrival import mark_announced
         from ctrain.settings import get_settings

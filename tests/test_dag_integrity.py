@@ -36,9 +36,17 @@ def test_dags_have_tags_retries_docs_and_no_catchup(dagbag):
         assert dag.doc_md, f"{dag_id} has no doc_md"
         assert dag.start_date is not None and dag.start_date.tzinfo is not None, f"{dag_id}: naive start_date"
         for task in dag.tasks:
-            # validate/govern fail on data or policy, which retries cannot fix: they set retries=0 on purpose.
-            if task.task_id not in {"validate", "govern"}:
-                assert task.retries >= 1, f"{dag_id}.{task.task_id} has no retries"
+            assert task.retries >= 1, f"{dag_id}.{task.task_id} has no retries"
+
+
+def test_every_task_fails_fast_on_terminal_errors(dagbag):
+    # Retries are for retryable failures only: @fail_fast turns a terminal ctrain error into
+    # AirflowFailException. Sensors are exempt: with soft_fail that exception would become a skip.
+    for dag_id, dag in dagbag.dags.items():
+        for task in dag.tasks:
+            if task.task_type.endswith("SensorOperator"):
+                continue
+            assert getattr(task.python_callable, "fails_fast", False), f"{dag_id}.{task.task_id} lacks @fail_fast"
 
 
 def test_continuous_training_wiring(dagbag):

@@ -73,6 +73,9 @@ MANIFEST = "manifest.json"
 # Events per Feast point-in-time join call (see build_snapshot): bounds peak memory; each call costs
 # ~0.15 s of fixed Feast/ibis overhead, so fewer, larger chunks are faster.
 DEFAULT_CHUNK_ROWS = 125_000
+# The last days of the window that become the test split, and the days before them the validation split.
+DEFAULT_TEST_DAYS = 7
+DEFAULT_VAL_DAYS = 7
 # Columns a transactions partition must have, with the arrow type family each must belong to.
 TRANSACTION_SCHEMA = {
     "transaction_id": "integer",
@@ -484,20 +487,43 @@ def _parse_day(value: date | str | None, name: str) -> date | None:
         raise ConfigError(f"{name}={value!r}: expected YYYY-MM-DD") from e
 
 
-def _window(data_root: Path, start: date | None, end: date | None) -> list[date]:
+def check_window(
+    settings: Settings,
+    start: date | str | None = None,
+    end: date | str | None = None,
+    val_days: int = DEFAULT_VAL_DAYS,
+    test_days: int = DEFAULT_TEST_DAYS,
+) -> list[date]:
+    """The landed days from ``start`` to ``end`` (inclusive; default: all), enough to split.
+
+    Reads directory names only and writes nothing, so a caller can refuse a bad window before any side
+    effect (``feast apply``, a snapshot). ConfigError/DataError name ``start``/``end`` (the DAG's Params)
+    and the fix: an inverted window, one with no landed data, or one too short for train/val/test.
+    """
+    if val_days < 1 or test_days < 1:
+        raise ConfigError(f"val_days={val_days}, test_days={test_days}: each must be >= 1")
+    data_root = Path(settings.resolved_data_root)
+    first, last = _parse_day(start, "start"), _parse_day(end, "end")
+    if first and last and last < first:
+        raise ConfigError(f"start={first} is after end={last}: set start on or before end (both inclusive, YYYY-MM-DD)")
     available = datagen.list_partitions(data_root, datagen.TRANSACTIONS)
     if not available:
         raise DataError(
             f"no transactions partitions under {data_root / datagen.TRANSACTIONS}; generate data "
             "(python -m ctrain.datagen --out <data_root>) or set CTRAIN_DATA_ROOT"
         )
-    start = start or available[0]
-    end = end or available[-1]
-    if end < start:
-        raise ConfigError(f"window start {start} is after end {end}")
-    days = [d for d in available if start <= d <= end]
+    first, last = first or available[0], last or available[-1]
+    days = [d for d in available if first <= d <= last]
     if not days:
-        raise DataError(f"no transactions partitions between {start} and {end} (have {available[0]}..{available[-1]})")
+        raise DataError(
+            f"no transactions partitions between start={first} and end={last}: data has landed for "
+            f"{available[0]}..{available[-1]}; choose a window inside it (or leave start/end empty for all of it)"
+        )
+    if len(days) < val_days + test_days + 1:
+        raise ConfigError(
+            f"window start={days[0]}..end={days[-1]} has {len(days)} landed day(s); need more than "
+            f"val_days + test_days = {val_days + test_days} to leave a training split: widen the window"
+        )
     return days
 
 
@@ -587,8 +613,8 @@ def build_snapshot(
     settings: Settings,
     start: date | str | None = None,
     end: date | str | None = None,
-    val_days: int = 7,
-    test_days: int = 7,
+    val_days: int = DEFAULT_VAL_DAYS,
+    test_days: int = DEFAULT_TEST_DAYS,
     missing_features: Literal["keep", "drop"] = "keep",
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> SnapshotInfo:
@@ -605,19 +631,12 @@ def build_snapshot(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if val_days < 1 or test_days < 1:
-        raise ConfigError(f"val_days={val_days}, test_days={test_days}: each must be >= 1")
     if missing_features not in ("keep", "drop"):
         raise ConfigError(f"missing_features={missing_features!r}: expected 'keep' or 'drop'")
     if chunk_rows < 1:
         raise ConfigError(f"chunk_rows={chunk_rows}: must be >= 1")
     data_root = Path(settings.resolved_data_root)
-    days = _window(data_root, _parse_day(start, "start"), _parse_day(end, "end"))
-    if len(days) < val_days + test_days + 1:
-        raise ConfigError(
-            f"window {days[0]}..{days[-1]} has {len(days)} day(s); need more than "
-            f"val_days + test_days = {val_days + test_days} to leave a training split"
-        )
+    days = check_window(settings, start, end, val_days, test_days)
 
     events, tx_partitions, duplicates = load_transactions(data_root, days)
 

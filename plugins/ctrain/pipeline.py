@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctrain import lineage, registry
-from ctrain.errors import CtrainError, GovernanceRejected, TrainingFailed
+import yaml
+
+from ctrain import lineage, params, registry
+from ctrain.errors import ConfigError, CtrainError, GovernanceRejected, TrainingFailed
 from ctrain.governance import Policy, decide
 from ctrain.launchers import TrainingJob, describe_exit, get_launcher
 
@@ -27,9 +29,13 @@ log = logging.getLogger(__name__)
 
 
 def build_dataset(settings: Settings, start: str | None = None, end: str | None = None) -> dict[str, Any]:
-    """Feast point-in-time join -> immutable, content-addressed snapshot (reused when it exists)."""
-    from ctrain.features import apply_feature_repo, build_snapshot
+    """Feast point-in-time join -> immutable, content-addressed snapshot (reused when it exists).
 
+    A bad window (``start`` after ``end``, no landed data in it, too short to split) is refused first,
+    before ``feast apply`` or anything else is written."""
+    from ctrain.features import apply_feature_repo, build_snapshot, check_window
+
+    check_window(settings, start, end)
     apply_feature_repo(settings)
     info = build_snapshot(settings, start=start, end=end)
     manifest = info.manifest
@@ -95,13 +101,25 @@ def champion_snapshot_uri(settings: Settings) -> str | None:
 def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, Any], dag_id: str,
           dag_run_id: str, overrides: dict[str, Any] | None = None,
           sink: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Launch the trainer for (dag, dataset, config); a finished run for the same key is reused."""
+    """Launch the trainer for (dag, dataset, config); a finished run for the same key is reused.
+
+    Overrides outside the operator's limits are refused before anything is created (see
+    :mod:`ctrain.params`); the limits also go to the trainer, which enforces them itself. The MLflow run
+    created here is closed by :func:`registry.close_failed_run` on every failure path.
+    """
+    typed = dict(overrides or {})
+    params.check_trainer_overrides(settings, typed)
     # JSON is YAML, which the trainer parses --set values as: 0.002, true, null, [128, 64] keep their type.
-    overrides = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (overrides or {}).items()}
+    overrides = {k: v if isinstance(v, str) else json.dumps(v) for k, v in typed.items()}
     config_path = Path(settings.trainer_config)
     if not config_path.is_file():
-        raise CtrainError(f"trainer config {config_path} does not exist; set CTRAIN_TRAINER_CONFIG to a YAML file")
-    fingerprint = lineage.config_fingerprint(config_path.read_bytes(), overrides)
+        raise ConfigError(f"trainer config {config_path} does not exist; set CTRAIN_TRAINER_CONFIG to a YAML file")
+    config_bytes = config_path.read_bytes()
+    try:
+        config_tree = yaml.safe_load(config_bytes) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"trainer config {config_path} (CTRAIN_TRAINER_CONFIG) is not valid YAML: {exc}") from None
+    fingerprint = lineage.config_fingerprint(config_bytes, overrides)
     key = lineage.run_key(dag_id, snapshot["dataset_version"], fingerprint)
     root = settings.resolved_object_root
     output_uri, checkpoint_uri = f"{root}/runs/{key}", f"{root}/checkpoints/{key}"
@@ -127,12 +145,27 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
 
     job = TrainingJob(
         config_path=str(config_path),
-        overrides={**overrides, "data.dataset_uri": snapshot["uri"], "checkpoint.uri": checkpoint_uri,
-                   "output.uri": output_uri},
+        # Pipeline-owned values come last: they win over anything the trigger sent.
+        overrides={**overrides, **params.pipeline_limits(settings, typed, config_tree),
+                   "data.dataset_uri": snapshot["uri"], "checkpoint.uri": checkpoint_uri, "output.uri": output_uri},
         env={"MLFLOW_TRACKING_URI": settings.resolved_tracking_uri, "MLFLOW_RUN_ID": run.run_id},
         nproc_per_node=settings.nproc_per_node,
     )
     started = time.monotonic()
+    try:
+        result = _launch(settings, job, output_uri, sink)
+    except BaseException as exc:  # also a kill of this task: nothing leaves the run RUNNING
+        status = registry.close_failed_run(client, run.run_id, exc)
+        log.info("MLflow run %s closed as %s", run.run_id, status)
+        raise
+    log.info("training took %.1fs; test_roc_auc=%.4f", time.monotonic() - started,
+             result["metrics"]["test_roc_auc"])
+    return {**result, "run_key": key, "reused": False}
+
+
+def _launch(settings: Settings, job: TrainingJob, output_uri: str,
+            sink: Callable[[str], None] | None) -> dict[str, Any]:
+    """Run the trainer and return its result; TrainingFailed carries the trainer's own exit code."""
     try:
         get_launcher(settings.launcher, settings.training_image).run(job, sink)
     except TrainingFailed as exc:
@@ -146,9 +179,7 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
     result = _read_result(output_uri)
     if result is None:
         raise CtrainError(f"trainer exited 0 but wrote no {output_uri}/result.json; see the task log above")
-    log.info("training took %.1fs; test_roc_auc=%.4f", time.monotonic() - started,
-             result["metrics"]["test_roc_auc"])
-    return {**result, "run_key": key, "reused": False}
+    return result
 
 
 def _read_result(output_uri: str) -> dict[str, Any] | None:

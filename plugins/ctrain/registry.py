@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ctrain.errors import CtrainError
+from ctrain.errors import CtrainError, ServiceUnavailable, is_terminal
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "ctrain.run_key"
+FAILURE_TAG = "last_failure"  # same tag as the trainer's: one place to read why a run failed
 CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 
 
@@ -63,6 +64,23 @@ def training_run_for(client: MlflowClient, settings: Settings, run_key: str, tag
         return TrainingRun(run.info.run_id, run.info.status, created=False)
     run = client.create_run(experiment_id, tags={RUN_KEY_TAG: run_key, **tags}, run_name=f"train-{run_key[:12]}")
     return TrainingRun(run.info.run_id, run.info.status, created=True)
+
+
+def close_failed_run(client: MlflowClient, run_id: str, exc: BaseException) -> str:
+    """Close the training run after a failed attempt; returns the status set.
+
+    FAILED for a terminal error; KILLED for a retryable one (the retry reopens the same run, found by
+    its run key). The reason goes to the ``last_failure`` tag, the one the trainer sets when it closes
+    the run itself: the pipeline created the run, so it closes it on every failure path, including the
+    ones where the trainer died before it could (a bad ``model.kwargs``, a refused config, a kill).
+    """
+    status = "FAILED" if is_terminal(exc) else "KILLED"
+    try:
+        client.set_tag(run_id, FAILURE_TAG, f"{type(exc).__name__}: {exc}"[:5000])
+        client.set_terminated(run_id, status=status)
+    except Exception:  # the task's own error is the one to report; this one is only logged
+        log.exception("could not close MLflow run %s as %s", run_id, status)
+    return status
 
 
 def register_challenger(client: MlflowClient, settings: Settings, run_id: str, model_uri: str,
@@ -111,7 +129,7 @@ def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float 
     deadline = time.monotonic() + timeout_s
     while client.get_model_version(name, version).status != "READY":
         if time.monotonic() > deadline:
-            raise CtrainError(f"model version {name} v{version} not READY after {timeout_s}s")
+            raise ServiceUnavailable(f"model version {name} v{version} not READY after {timeout_s}s")
         time.sleep(0.2)
 
 
