@@ -1,11 +1,12 @@
-"""Pipeline steps without Airflow: a diverging training fails terminally and leaves nothing to register."""
+"""Pipeline steps without Airflow: a diverging training fails terminally and leaves nothing to register;
+a trainer that dies early leaves no MLflow run RUNNING; overrides beyond the operator's limits are refused."""
 
 from __future__ import annotations
 
 import pytest
 
-from ctrain import datagen, pipeline, registry
-from ctrain.errors import TrainingFailed
+from ctrain import datagen, lineage, pipeline, registry
+from ctrain.errors import ConfigError, TrainingFailed
 from ctrain.settings import PROJECT_ROOT, Settings
 
 
@@ -31,3 +32,45 @@ def test_nan_loss_is_terminal_with_the_trainers_exit_code(validated):
     assert any("launching:" in line for line in lines)
     client = registry.get_client(settings)
     assert client.search_registered_models() == []
+
+
+def _runs_of(settings, run_key: str):
+    client = registry.get_client(settings)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`{registry.RUN_KEY_TAG}` = '{run_key}'")
+
+
+def test_a_trainer_that_dies_before_its_tracker_leaves_no_run_running(validated):
+    # A bad model.kwargs fails in the model factory, before the trainer opens its MLflow tracker: the
+    # run the pipeline created must still be closed, FAILED (terminal), with the reason.
+    settings, snapshot, validation = validated
+    lines: list[str] = []
+    with pytest.raises(TrainingFailed) as info:
+        pipeline.train(settings, snapshot, validation, dag_id="t", dag_run_id="r-kwargs",
+                       overrides={"model.kwargs": {"no_such_arg": 1}}, sink=lines.append)
+    assert info.value.exit_code == 65 and info.value.retryable is False
+    launched = next(line for line in lines if line.startswith("launching:"))
+    # The pipeline always hands the trainer the allow-list and a wall-clock/step ceiling.
+    assert "model.factory_prefixes=" in launched and "trainer.model" in launched
+    assert f"train.max_wall_clock_s={settings.max_train_wall_clock_s}" in launched
+    assert f"train.max_steps={settings.max_steps}" in launched
+    key = lineage.run_key("t", snapshot["dataset_version"],
+                          lineage.config_fingerprint(settings.trainer_config.read_bytes(),
+                                                     {"model.kwargs": '{"no_such_arg": 1}'}))
+    [run] = _runs_of(settings, key)
+    assert run.info.status == "FAILED"
+    assert "model.kwargs" in run.data.tags[registry.FAILURE_TAG]
+    assert "no_such_arg" in run.data.tags[registry.FAILURE_TAG]
+
+
+def test_overrides_beyond_the_limits_are_refused_before_a_run_exists(validated):
+    settings, snapshot, validation = validated
+    client = registry.get_client(settings)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    before = len(client.search_runs([experiment.experiment_id])) if experiment else 0
+    for overrides, named in (({"train.epochs": 10**9, "early_stopping.enabled": False}, "CTRAIN_MAX_EPOCHS"),
+                             ({"model.factory": "os:system"}, "CTRAIN_MODEL_FACTORY_PREFIXES")):
+        with pytest.raises(ConfigError, match=named):
+            pipeline.train(settings, snapshot, validation, dag_id="t", dag_run_id="r-big", overrides=overrides)
+    experiment = client.get_experiment_by_name(settings.experiment_name)
+    assert (len(client.search_runs([experiment.experiment_id])) if experiment else 0) == before
