@@ -14,11 +14,94 @@ def read_split(snapshot_uri: str, split: str):
         return pd.read_parquet(fh), manifest
 
 
-def load_model(model_uri: str):
-    """The MLflow model at ``model_uri`` as a pyfunc (pt2 / safetensors: no pickle from storage)."""
-    import mlflow.pyfunc
+# What trainer.export logs, and so all a ctrain model may be: the pytorch flavor in pt2 form, served
+# through mlflow.pytorch's own loader, with no code and no pickle anywhere in it.
+_FLAVORS = {"python_function", "pytorch"}
+_PICKLE_FILES = ("model.pth", "pickle_module_info.txt")
 
-    return mlflow.pyfunc.load_model(model_uri)
+
+def load_model(model_uri: str):
+    """The MLflow model at ``model_uri`` as a pyfunc, refusing anything that could run code on load.
+
+    A model is a file in the artifact store, which whoever can write there or register a version
+    controls; loading it must not execute what it contains. The model is downloaded once (so it cannot
+    change between the check and the load), its ``MLmodel`` must be what ``trainer.export`` writes
+    (flavors python_function + pytorch, loader ``mlflow.pytorch``, no ``code``, a ``data/model.pt2``
+    and no pickled model file), and it is loaded with MLflow's pickle deserialization off, under which
+    MLflow admits a pt2 archive only if every record is JSON, text or accepted by
+    ``torch.load(weights_only=True)``.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import mlflow.pyfunc
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    with tempfile.TemporaryDirectory(prefix="ctrain-model-") as tmp:
+        local = Path(download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        _check_exported_model(model_uri, local)
+        with _pickle_deserialization_off():
+            try:
+                return mlflow.pyfunc.load_model(str(local))
+            except MlflowException as exc:  # a pt2 record that is not pickle-free, or not a model at all
+                raise _refusal(model_uri, str(exc).splitlines()[0]) from None
+
+
+def _refusal(model_uri: str, why: str):
+    from ctrain.errors import DataError
+
+    return DataError(
+        f"model {model_uri} refused: {why}. ctrain loads only the pt2 models its trainer exports "
+        "(trainer.export.log_model); register one of those instead"
+    )
+
+
+def _check_exported_model(model_uri: str, local) -> None:
+    import yaml
+
+    def refuse(why: str):
+        return _refusal(model_uri, why)
+
+    try:
+        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise refuse(f"no readable MLmodel file ({type(exc).__name__})") from None
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavors, dict) or set(flavors) != _FLAVORS:
+        raise refuse(f"flavors {sorted(flavors) if isinstance(flavors, dict) else flavors!r}, expected "
+                     f"{sorted(_FLAVORS)}")
+    pyfunc, pytorch = flavors["python_function"], flavors["pytorch"]
+    if not isinstance(pyfunc, dict) or pyfunc.get("loader_module") != "mlflow.pytorch":
+        raise refuse("its python_function flavor does not load through mlflow.pytorch")
+    if any(isinstance(f, dict) and f.get("code") for f in (pyfunc, pytorch)):
+        raise refuse("it ships code that would be imported on load")
+    data = local / str(pyfunc.get("data", "data"))
+    if not (data / "model.pt2").is_file():
+        raise refuse("it has no data/model.pt2 (a pickled model is not accepted)")
+    pickled = [p.name for p in local.rglob("*") if p.name in _PICKLE_FILES]
+    if pickled:
+        raise refuse(f"it contains pickled files {sorted(pickled)}")
+
+
+class _pickle_deserialization_off:
+    """``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`` for the duration (MLflow reads it at load time)."""
+
+    _VAR = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+
+    def __enter__(self) -> None:
+        import os
+
+        self._saved = os.environ.get(self._VAR)
+        os.environ[self._VAR] = "false"
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        if self._saved is None:
+            os.environ.pop(self._VAR, None)
+        else:
+            os.environ[self._VAR] = self._saved
 
 
 def input_names(model) -> list[str]:
