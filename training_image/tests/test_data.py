@@ -40,6 +40,27 @@ def test_uncommitted_snapshot_is_refused(tmp_path: Path) -> None:
         load_snapshot(uri, "binary")
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda m: [], "holds a JSON list, not an object"),
+        (lambda m: None, "holds a JSON NoneType, not an object"),
+        (lambda m: {**m, "splits": []}, "splits must be an object"),
+        (lambda m: {**m, "feature_columns": "amount"}, "feature_columns must be a non-empty list"),
+        (lambda m: {**m, "label_column": 3}, "label_column must be a string"),
+        (lambda m: {**m, "splits": {**m["splits"], "train": {**m["splits"]["train"], "file": "../outside.parquet"}}},
+         "splits.train.file must be a file name inside the snapshot"),
+    ],
+)
+def test_a_malformed_manifest_is_a_data_error_naming_the_rule(tmp_path: Path, damage, message: str) -> None:
+    uri = write_snapshot(tmp_path / "snap", rows=(50, 20, 10))
+    manifest_path = tmp_path / "snap" / "manifest.json"
+    (tmp_path / "outside.parquet").write_bytes((tmp_path / "snap" / "train.parquet").read_bytes())
+    manifest_path.write_text(json.dumps(damage(json.loads(manifest_path.read_text()))))
+    with pytest.raises(DataError, match=message):
+        load_snapshot(uri, "binary")
+
+
 def test_missing_feature_column_is_named(tmp_path: Path) -> None:
     uri = write_snapshot(tmp_path / "snap", rows=(50, 20, 10))
     manifest_path = tmp_path / "snap" / "manifest.json"

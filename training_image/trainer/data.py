@@ -72,15 +72,46 @@ def load_snapshot(uri: str, task_type: str, verify_checksums: bool = True) -> Sn
         manifest = json.loads(fs.cat_file(manifest_path))
     except ValueError as exc:
         raise DataError(f"dataset snapshot {uri}: manifest.json is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(
+            f"dataset snapshot {uri}: manifest.json holds a JSON {type(manifest).__name__}, not an object; "
+            "rebuild the snapshot"
+        )
     missing = [key for key in _REQUIRED_MANIFEST_KEYS if key not in manifest]
     if missing:
         raise DataError(f"dataset snapshot {uri}: manifest.json lacks {', '.join(missing)}")
+    problems = _manifest_shape_problems(manifest)
+    if problems:
+        raise DataError(f"dataset snapshot {uri}: manifest.json is malformed ({'; '.join(problems)}); "
+                        "rebuild the snapshot")
     splits = {
         name: _load_split(fs, root, uri, manifest, name, task_type, verify_checksums) for name in SPLITS
     }
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         raise DataError(f"dataset snapshot {uri}: train and val splits must not be empty")
     return Snapshot(uri=uri, manifest=manifest, **splits)
+
+
+def _manifest_shape_problems(manifest: dict[str, Any]) -> list[str]:
+    """What is wrong with the manifest's types; split files must be plain names inside the snapshot."""
+    problems = []
+    columns = manifest["feature_columns"]
+    if not (isinstance(columns, list) and columns and all(isinstance(c, str) for c in columns)):
+        problems.append("feature_columns must be a non-empty list of column names")
+    for key in ("label_column", "id_column", "dataset_version"):
+        if not isinstance(manifest[key], str):
+            problems.append(f"{key} must be a string")
+    splits = manifest["splits"]
+    if not isinstance(splits, dict):
+        return [*problems, "splits must be an object"]
+    for name, entry in splits.items():
+        if not isinstance(entry, dict):
+            problems.append(f"splits.{name} must be an object")
+            continue
+        file = entry.get("file", f"{name}.parquet")
+        if not isinstance(file, str) or not file or "/" in file or "\\" in file or file.startswith("."):
+            problems.append(f"splits.{name}.file must be a file name inside the snapshot, got {file!r}")
+    return problems
 
 
 def _load_split(
