@@ -43,6 +43,9 @@ class Settings(BaseSettings):
         "Default: {home}/data.",
     )
     feature_repo: Path = Field(default=PROJECT_ROOT / "feature_repo", description="Feast repo path.")
+    pipelines_dir: Path = Field(
+        default=PROJECT_ROOT / "pipelines", description="Directory of the pipeline definitions (*.yaml)."
+    )
     mlflow_tracking_uri: str = Field(
         default="", description="MLflow tracking URI. Default: sqlite:///{home}/mlflow.db."
     )
