@@ -7,8 +7,10 @@
     python -m trainer overrides-schema  # dags/trainer_overrides.schema.json (the DAG's Param schema)
 
 Exit codes: 0 ok, 65 bad data/config, 70 divergence or bug, 75 retryable (see trainer.errors). torchrun
-itself exits 1 when any worker fails, so the launcher should read the code from ``result.json``
-(``exit_code``), which rank 0 writes on failure as well as on success.
+itself exits 1 when any worker fails, so the launcher reads the code from ``failure.json`` (``exit_code``),
+which rank 0 writes on every failure it lives to record. The same record goes to ``result.json`` unless
+that holds a succeeded result (a rerun refused at resume never replaces one) or another trainer holds the
+checkpoint directory's lease (trainer.lease; that trainer owns ``result.json``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from trainer import distributed
 from trainer.config import TrainerConfig, json_schema, load_config, markdown_table, overrides_schema
 from trainer.errors import EXIT_OK, EXIT_RETRYABLE, EXIT_SOFTWARE, RetryableError, TrainerError
+from trainer.lease import Lease, LeaseHeld
 from trainer.storage import filesystem, join
 
 if TYPE_CHECKING:
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trainer")
 
 RESULT_FILE = "result.json"
+FAILURE_FILE = "failure.json"
 FAILURE_RECORDED = "failure_recorded"
 # Messages of collective failures that mean a peer is gone rather than a bug in this process.
 # Compared in lower case: gloo says "Timed out waiting 5000ms for recv", others "timeout" or "timed out".
@@ -76,16 +80,20 @@ def run(cfg: TrainerConfig) -> int:
     from trainer.loop import Trainer
 
     ctx = None
+    lease: Lease | None = None
     trainer: Trainer | None = None
     try:
         ctx = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_s)
         if not _already_done(cfg):
-            trainer = Trainer(cfg, ctx)
+            # Before anything under checkpoint.uri is read or changed: one trainer per directory.
+            lease = Lease.acquire(cfg.checkpoint.uri, ctx, config_hash=cfg.config_hash())
+            trainer = Trainer(cfg, ctx, lease)
             result = trainer.fit()
             if ctx.is_main:
                 write_result(cfg.output.uri, result)
                 trainer.tracker.finish("FINISHED")
                 log.info("done: %s", json.dumps(result["metrics"], sort_keys=True))
+            lease.release()
         code = EXIT_OK
     except Exception as exc:
         code = exit_code_for(exc)
@@ -96,12 +104,18 @@ def run(cfg: TrainerConfig) -> int:
         if trainer is not None and code != EXIT_RETRYABLE:
             trainer.checkpoints.drain()
         # torchrun stops every worker as soon as one exits with an error, so the other ranks wait
-        # (briefly, and without collectives) until rank 0 has recorded the failure.
+        # (briefly, and without collectives) until rank 0 has recorded the failure - unless torchrun
+        # is already stopping this one (SIGTERM): then rank 0 is being stopped too, or is gone.
         if ctx is None or ctx.is_main:
+            # torchrun SIGTERMs rank 0 too when another rank dies; recording takes well under its
+            # 30 s grace period, and an interrupted one would leave the MLflow run RUNNING.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             _record_failure(cfg, trainer, exc, code)
+            if lease is not None:  # after a retryable failure the next attempt continues the MLflow run
+                lease.release(keep_run=code == EXIT_RETRYABLE)
             if ctx is not None:
                 distributed.signal_done(ctx, FAILURE_RECORDED)
-        else:
+        elif not isinstance(exc, _Terminated):
             distributed.wait_done(ctx, FAILURE_RECORDED, timeout_s=60)
     if ctx is not None and ctx.is_distributed:
         # Leave without freeing DDP and the process groups: after a peer died mid-collective,
@@ -127,12 +141,12 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_SOFTWARE
 
 
-def write_result(output_uri: str, result: dict[str, Any]) -> str:
-    """Write ``result.json`` under ``output_uri``; returns its URI."""
+def write_result(output_uri: str, result: dict[str, Any], name: str = RESULT_FILE) -> str:
+    """Write ``result.json`` (or ``name``) under ``output_uri``; returns its URI."""
     fs, root = filesystem(output_uri)
     fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root}/{RESULT_FILE}", json.dumps(result, indent=2, sort_keys=True).encode())
-    return join(output_uri, RESULT_FILE)
+    fs.pipe_file(f"{root}/{name}", json.dumps(result, indent=2, sort_keys=True).encode())
+    return join(output_uri, name)
 
 
 def read_result(output_uri: str) -> dict[str, Any] | None:
@@ -162,34 +176,48 @@ def _already_done(cfg: TrainerConfig) -> bool:
 
 
 def _record_failure(cfg: TrainerConfig, trainer: Trainer | None, exc: BaseException, code: int) -> None:
-    """Best effort: close the MLflow run and leave a failed result.json with the real exit code."""
-    run_id = None
-    if trainer is not None:
-        run_id = trainer.tracker.run_id
+    """Best effort: close this trainer's MLflow run (if it opened one) and write the failure record with
+    the real exit code to failure.json, and to result.json unless that is not ours to replace."""
+    run_id = trainer.tracker.run_id if trainer is not None else None
+    if trainer is not None and run_id is not None:
         try:
             trainer.tracker.set_tags({"last_failure": f"exit {code}: {exc}"[:5000]})
             trainer.tracker.finish("KILLED" if code == EXIT_RETRYABLE else "FAILED")
         except Exception:
-            log.exception("could not close the MLflow run")
+            log.exception("could not close MLflow run %s", run_id)
+    record = {
+        "status": "failed",
+        "exit_code": code,
+        "error": f"{type(exc).__name__}: {exc}",
+        "retryable": code == EXIT_RETRYABLE,
+        "mlflow_run_id": run_id,
+        "config_hash": cfg.config_hash(),
+        "seed": cfg.seed,
+    }
     try:
-        write_result(
-            cfg.output.uri,
-            {
-                "status": "failed",
-                "exit_code": code,
-                "error": f"{type(exc).__name__}: {exc}",
-                "retryable": code == EXIT_RETRYABLE,
-                "mlflow_run_id": run_id,
-                "config_hash": cfg.config_hash(),
-                "seed": cfg.seed,
-            },
-        )
+        uri = write_result(cfg.output.uri, record, FAILURE_FILE)
+        previous = read_result(cfg.output.uri)
+        if isinstance(exc, LeaseHeld):  # the lease holder owns result.json
+            log.info("failure recorded in %s only: another trainer holds the lease", uri)
+        elif previous is not None and previous.get("status") == "succeeded":
+            log.warning(
+                "%s holds a succeeded result (config %s); it stays, and this failure is recorded in %s",
+                join(cfg.output.uri, RESULT_FILE),
+                previous.get("config_hash"),
+                uri,
+            )
+        else:
+            write_result(cfg.output.uri, record)
     except Exception:
-        log.exception("could not write the failed result.json")
+        log.exception("could not write the failure record under %s", cfg.output.uri)
+
+
+class _Terminated(RetryableError):
+    """This process received SIGTERM (torchrun stopping the group, Airflow killing the task)."""
 
 
 def _terminated(signum: int, frame: object) -> None:
-    raise RetryableError(f"received {signal.Signals(signum).name}; a rerun resumes from the last checkpoint")
+    raise _Terminated(f"received {signal.Signals(signum).name}; a rerun resumes from the last checkpoint")
 
 
 def _setup_logging(rank: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+_POLL_S = 0.05  # store polling interval of wait_done
 
 
 @dataclass(frozen=True)
@@ -138,13 +141,24 @@ def signal_done(ctx: DistContext, key: str) -> None:
 
 
 def wait_done(ctx: DistContext, key: str, timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` for rank 0 to mark ``key`` done; give up silently after that."""
+    """Wait up to ``timeout_s`` for rank 0 to mark ``key`` done; give up silently after that.
+
+    Polls rather than blocking in ``store.wait``: a signal handler cannot run while the process is inside
+    that C++ call, so a SIGTERM (torchrun stopping the group after losing rank 0, which will never mark
+    the key) would wait out torchrun's grace period and be SIGKILLed. Here the handler's exception ends
+    the wait at once.
+    """
     if ctx.store is None:
         return
+    deadline = time.monotonic() + timeout_s
     try:
-        ctx.store.wait([key], timedelta(seconds=timeout_s))
-    except Exception as exc:  # rank 0 is gone or slow: exiting now is all that is left to do
-        log.warning("rank 0 did not confirm %r: %s", key, exc)
+        while not ctx.store.check([key]):
+            if time.monotonic() >= deadline:
+                log.warning("rank 0 did not confirm %r within %.0f s", key, timeout_s)
+                return
+            time.sleep(_POLL_S)
+    except Exception as exc:  # rank 0 is gone, or we are being stopped: exiting now is all that is left
+        log.warning("stopped waiting for rank 0 to confirm %r: %s", key, exc)
 
 
 def barrier() -> None:

@@ -9,6 +9,7 @@ needs no preprocessing.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 import mlflow
 import numpy as np
 import torch
+from mlflow import MlflowClient
 from mlflow.models import ModelSignature, set_signature
 from mlflow.types import ColSpec, Schema, TensorSpec
 from safetensors.torch import save_file
@@ -23,6 +25,8 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from trainer.tasks import Task
+
+log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_PATH = "model"
 
@@ -40,7 +44,17 @@ class ServingModel(nn.Module):
 
 
 def log_model(model: nn.Module, task: Task, feature_columns: list[str], example: np.ndarray) -> str:
-    """Log the serving model to the active MLflow run; return its ``runs:/<id>/model`` URI."""
+    """Log the serving model to the active MLflow run; return its ``runs:/<id>/model`` URI.
+
+    The run holds one logged model: one an earlier attempt left behind (``PENDING`` when it was killed
+    inside ``log_model``, ``READY`` when it died before writing ``result.json``) is deleted first, so
+    searches and ``runs:/<id>/model`` find only this one. (Logging into the earlier model instead is not
+    possible: MLflow links a run to a model output once.)
+    """
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_model needs the tracker's active MLflow run")
+    _delete_earlier_models(run.info.run_id, run.info.experiment_id)
     serving = ServingModel(model, task).eval()
     outputs_shape = (-1, task.num_classes) if task.type == "multiclass" and task.num_classes else (-1,)
     signature = ModelSignature(
@@ -73,6 +87,14 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
             state, str(weights), metadata={"feature_columns": json.dumps(feature_columns), "task": task.type}
         )
         mlflow.log_artifact(str(weights), "weights")
-    run = mlflow.active_run()
-    assert run is not None  # the caller logs inside the tracker's run
     return f"runs:/{run.info.run_id}/{MODEL_ARTIFACT_PATH}"
+
+
+def _delete_earlier_models(run_id: str, experiment_id: str) -> None:
+    """Delete the logged models named ``model`` that ``run_id`` already has (any status)."""
+    client = MlflowClient()
+    for model in client.search_logged_models(
+        [experiment_id], filter_string=f"name = '{MODEL_ARTIFACT_PATH}' AND source_run_id = '{run_id}'"
+    ):
+        log.info("deleting logged model %s (%s) of an earlier attempt", model.model_id, model.status)
+        client.delete_logged_model(model.model_id)

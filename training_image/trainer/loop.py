@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from trainer.tracking import Tracker
 if TYPE_CHECKING:
     from trainer.config import SchedulerConfig, TrainerConfig
     from trainer.distributed import DistContext
+    from trainer.lease import Lease
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,33 @@ class Monitor:
 
 
 @dataclass
+class Interval:
+    """Per-step numbers summed over the optimizer steps since the last ``step/*`` log point.
+
+    In the running loop ``loss_sum`` and ``samples`` are this rank's; in a checkpoint
+    (``LoopState.interval``) they are summed over ranks, and the rest is rank 0's (the gradient norm is
+    the same on every rank; times are rank 0's), so a resume continues the interval it was saved in.
+    """
+
+    loss_sum: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    grad_norm_sum: float = 0.0
+    step_time: float = 0.0
+    data_wait: float = 0.0
+
+    def add(
+        self, loss_sum: float, samples: int, grad_norm: float, step_time: float, data_wait: float
+    ) -> None:
+        self.loss_sum += loss_sum
+        self.samples += samples
+        self.steps += 1
+        self.grad_norm_sum += grad_norm
+        self.step_time += step_time
+        self.data_wait += data_wait
+
+
+@dataclass
 class LoopState:
     """Everything the loop needs to continue exactly where a checkpoint left it (JSON-able)."""
 
@@ -81,6 +109,7 @@ class LoopState:
     plateau_warned: bool = False
     epoch_loss_sum: float = 0.0  # global train-loss sum/count of the epoch so far (at the last checkpoint)
     epoch_loss_count: int = 0
+    interval: Interval = field(default_factory=Interval)  # the step/* interval at the last checkpoint
     history: list[dict[str, float]] = field(default_factory=list)
     mlflow_run_id: str | None = None
     stopped_reason: str | None = None
@@ -90,6 +119,7 @@ class LoopState:
         data = dict(data)
         data["early_stop"] = Monitor(**data["early_stop"])
         data["loss_plateau"] = Monitor(**data["loss_plateau"])
+        data["interval"] = Interval(**data.get("interval", {}))
         return cls(**data)
 
 
@@ -107,9 +137,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 class Trainer:
     """Builds the run from the config and trains it; :meth:`fit` returns the ``result.json`` dict."""
 
-    def __init__(self, cfg: TrainerConfig, ctx: DistContext) -> None:
+    def __init__(self, cfg: TrainerConfig, ctx: DistContext, lease: Lease) -> None:
         self.cfg = cfg
         self.ctx = ctx
+        self.lease = lease  # this job's hold on cfg.checkpoint.uri, taken by the caller
         self.config_hash = cfg.config_hash()
         self.started = time.monotonic()
         seed_everything(cfg.seed, cfg.train.deterministic)
@@ -179,7 +210,7 @@ class Trainer:
             else nullcontext()
         )
         self.progress = Progress(enabled=ctx.is_main, interactive=sys.stderr.isatty())
-        self.interval = _Interval()
+        self.interval = Interval()
         self._resumed_from: int | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -202,18 +233,23 @@ class Trainer:
             self.state = LoopState.from_json(saved["loop"])
             if self.scheduler is not None and saved.get("scheduler") is not None:
                 self.scheduler.load_state_dict(saved["scheduler"])
+            if self.ctx.is_main:  # the other ranks' share of the interval's loss is in rank 0's sums
+                self.interval = replace(self.state.interval)
             self._resumed_from = step
-            log.info(
-                "resumed from %s (epoch %d, step %d)",
-                self.checkpoints.step_uri(step),
-                self.state.epoch + 1,
-                step,
+            state = self.state
+            where = (
+                f"after epoch {state.epoch}, step {step}"
+                if state.step_in_epoch == 0
+                else f"epoch {state.epoch + 1}, step {step}: "
+                f"{state.step_in_epoch} of its {self.sampler.steps_per_epoch} steps done"
             )
+            log.info("resumed from %s (%s)", self.checkpoints.step_uri(step), where)
         # Anything newer than the resume point is an orphan or corrupt, and would be rewritten anyway.
         self.checkpoints.discard_after(step)
 
     def _start_tracking(self) -> None:
-        self.state.mlflow_run_id = self.tracker.start(self.state.mlflow_run_id)
+        self.state.mlflow_run_id = self.tracker.start(self.state.mlflow_run_id or self.lease.run_id)
+        self.lease.record_run(self.state.mlflow_run_id)  # before the first step: a restart continues it
         snap = self.snapshot
         self.tracker.log_params(
             {**self.cfg.flat(), "config_hash": self.config_hash, "world_size": self.ctx.world_size}
@@ -361,7 +397,7 @@ class Trainer:
         return None
 
     def _log_interval(self) -> None:
-        interval, self.interval = self.interval, _Interval()
+        interval, self.interval = self.interval, Interval()
         totals = distributed.all_reduce_sum(
             torch.tensor([interval.loss_sum, interval.samples], dtype=torch.float64)
         )
@@ -430,6 +466,11 @@ class Trainer:
     def _save(self) -> None:
         if self.checkpoints.last_saved_step == self.state.global_step:
             return
+        self.lease.check()  # a trainer that lost the directory to another writes nothing more there
+        totals = distributed.all_reduce_sum(
+            torch.tensor([self.interval.loss_sum, self.interval.samples], dtype=torch.float64)
+        )
+        self.state.interval = replace(self.interval, loss_sum=float(totals[0]), samples=int(totals[1]))
         trainer_state = {
             "loop": asdict(self.state),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -514,28 +555,6 @@ class _LocalLoss:
     def add(self, loss_sum: float, samples: int) -> None:
         self.sum += loss_sum
         self.count += samples
-
-
-@dataclass
-class _Interval:
-    """Per-step numbers accumulated between two log lines (local to the rank)."""
-
-    loss_sum: float = 0.0
-    samples: int = 0
-    steps: int = 0
-    grad_norm_sum: float = 0.0
-    step_time: float = 0.0
-    data_wait: float = 0.0
-
-    def add(
-        self, loss_sum: float, samples: int, grad_norm: float, step_time: float, data_wait: float
-    ) -> None:
-        self.loss_sum += loss_sum
-        self.samples += samples
-        self.steps += 1
-        self.grad_norm_sum += grad_norm
-        self.step_time += step_time
-        self.data_wait += data_wait
 
 
 def _build_optimizer(cfg: TrainerConfig, model: nn.Module) -> torch.optim.Optimizer:

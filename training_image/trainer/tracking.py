@@ -16,7 +16,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric, RunStatus
+from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.types import ColSpec, Schema
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ class Tracker:
         self._flushed_at = time.monotonic()
 
     def start(self, resume_run_id: str | None) -> str | None:
-        """Open the run: ``MLFLOW_RUN_ID``, else the run of the checkpoint we resume, else a new one."""
+        """Open the run: ``MLFLOW_RUN_ID``, else ``resume_run_id`` (the run of the checkpoint we resume,
+        or of an earlier attempt of this job, from the checkpoint lease), else a new one."""
         if not self.enabled:
             return None
         run_id = os.environ.get("MLFLOW_RUN_ID") or resume_run_id
@@ -80,8 +81,13 @@ class Tracker:
             mlflow.log_params(dict(items[start : start + _PARAM_BATCH]))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.enabled:
-            mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        """Tag this trainer's run, by id: no-op before :meth:`start` (MLflow's fluent ``set_tags`` would
+        open a new run in the ``Default`` experiment when there is no active one)."""
+        if not self.enabled or self._client is None or self.run_id is None:
+            return
+        self._client.log_batch(
+            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True
+        )
 
     def log_dataset(
         self, *, source: str, name: str, digest: str, columns: dict[str, str], tags: dict[str, str]
@@ -144,13 +150,18 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         """Flush async logging and close the run with ``status`` (FINISHED, FAILED, KILLED)."""
-        if not self.enabled or self.run_id is None:
+        if not self.enabled or self._client is None or self.run_id is None:
             return
+        status = RunStatus.to_string(RunStatus.from_string(status))
         try:
             self.flush()
             mlflow.flush_async_logging()
         finally:
-            mlflow.end_run(status=RunStatus.to_string(RunStatus.from_string(status)))
+            active = mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                mlflow.end_run(status=status)
+            else:  # already ended in this process: close it by id, never through a new active run
+                self._client.set_terminated(self.run_id, status)
 
 
 def _logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
