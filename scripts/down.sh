@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# Stop what scripts/up.sh started (the whole process group of each).
+# `make down`: stop what scripts/up.sh started, each component's whole process group, by its pid file.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 home="${CTRAIN_HOME:-$PWD/.ctrain}"
-for name in airflow mlflow; do
-  pidfile="$home/pids/$name.pid"
+for pidfile in "$home"/pids/*.pid; do
   [ -f "$pidfile" ] || continue
+  name=$(basename "$pidfile" .pid)
   pid=$(cat "$pidfile")
-  pkill -TERM -P "$pid" 2>/dev/null || true
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-  kill -KILL "$pid" 2>/dev/null || true
+  # up.sh starts each component as a session (and process group) leader: signal the group.
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 40); do kill -0 -- "-$pid" 2>/dev/null || kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   rm -f "$pidfile"
   echo "stopped $name ($pid)"
 done
