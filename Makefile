@@ -32,7 +32,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check dags plugins training_image tests bench feature_repo
 
-## up/down: Airflow (standalone: api-server, scheduler, dag-processor, triggerer) + MLflow UI
+## up/down: Airflow (api-server, scheduler, dag-processor, triggerer) + MLflow UI on 127.0.0.1, login on
 up: install
 	@bash scripts/up.sh
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ctrain.localenv import airflow_env
+from ctrain.localenv import airflow_env, ui_urls
 from ctrain.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -67,7 +67,8 @@ def summary(settings: Settings) -> str:
     mv = client.get_model_version(name, version)
     run = client.get_run(mv.run_id)
     m, t = run.data.metrics, mv.tags
-    ui = "make up, then open http://localhost:8080 (Airflow) and http://localhost:5000 (MLflow)"
+    urls = ui_urls(settings)
+    ui = f"make up, then open {urls['airflow']} (Airflow, login printed by make up) and {urls['mlflow']} (MLflow)"
     lines = [
         "",
         "=== ctrain demo: summary ===",
