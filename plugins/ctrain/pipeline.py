@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The trainer's records under output.uri (docs/contracts.md): its result, and the last attempt's failure.
+RESULT_FILE, FAILURE_FILE = "result.json", "failure.json"
+
 
 def build_dataset(settings: Settings, start: str | None = None, end: str | None = None) -> dict[str, Any]:
     """Feast point-in-time join -> immutable, content-addressed snapshot (reused when it exists).
@@ -166,11 +169,13 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
 def _launch(settings: Settings, job: TrainingJob, output_uri: str,
             sink: Callable[[str], None] | None) -> dict[str, Any]:
     """Run the trainer and return its result; TrainingFailed carries the trainer's own exit code."""
+    _remove(f"{output_uri}/{FAILURE_FILE}")  # an earlier attempt's record must not speak for this one
     try:
         get_launcher(settings.launcher, settings.training_image).run(job, sink)
     except TrainingFailed as exc:
-        # torchrun exits 1 whenever a worker fails; the trainer's own code (65/70/75) is in result.json.
-        failed = _read_result(output_uri) or {}
+        # torchrun exits 1 whenever a worker fails; the trainer's own code (65/70/75) is in failure.json
+        # (result.json may keep an earlier success, which a failed rerun never replaces).
+        failed = _read_result(output_uri, FAILURE_FILE) or {}
         if failed.get("status") == "failed" and failed.get("exit_code"):
             raise TrainingFailed(int(failed["exit_code"]),
                                  f"trainer failed with exit code {failed['exit_code']} "
@@ -182,14 +187,22 @@ def _launch(settings: Settings, job: TrainingJob, output_uri: str,
     return result
 
 
-def _read_result(output_uri: str) -> dict[str, Any] | None:
+def _read_result(output_uri: str, name: str = RESULT_FILE) -> dict[str, Any] | None:
     from ctrain.features import open_fs
 
-    fs, path = open_fs(f"{output_uri}/result.json")
+    fs, path = open_fs(f"{output_uri}/{name}")
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as fh:
         return json.load(fh)
+
+
+def _remove(uri: str) -> None:
+    from ctrain.features import open_fs
+
+    fs, path = open_fs(uri)
+    if fs.exists(path):
+        fs.rm(path)
 
 
 def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, Any]) -> dict[str, Any]:
