@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from trainer.config import SchedulerConfig
-from trainer.loop import LoopState, Monitor, _build_scheduler
+from trainer.loop import Interval, LoopState, Monitor, _build_scheduler
 from trainer.progress import Progress
 
 
@@ -46,9 +46,14 @@ def test_loop_state_survives_its_json_round_trip() -> None:
     state.early_stop.update(0.5)
     state.early_stop.update(0.6)
     state.history.append({"epoch": 1, "step": 10, "val_loss": 0.5})
+    state.interval = Interval(loss_sum=12.5, samples=128, steps=2, grad_norm_sum=0.9, step_time=0.02)
     restored = LoopState.from_json(json.loads(json.dumps(asdict(state))))
     assert restored == state
     assert restored.early_stop.bad_evals == 1 and restored.early_stop.best == 0.5
+    assert restored.interval.steps == 2 and restored.interval.samples == 128
+    # A checkpoint from before the interval was saved resumes with an empty one.
+    older = {k: v for k, v in asdict(state).items() if k != "interval"}
+    assert LoopState.from_json(older).interval == Interval()
 
 
 def test_warmup_cosine_schedule_shape() -> None:

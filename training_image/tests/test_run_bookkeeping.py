@@ -17,16 +17,21 @@ import shutil
 import signal
 import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 from mlflow import MlflowClient
-from test_checkpoint_faults import assert_same_weights, committed_steps, epoch_points
+from test_checkpoint import s3  # noqa: F401  (a fixture)
+from test_checkpoint_faults import CTX, assert_same_weights, committed_steps, epoch_points
 from trainer_testkit import TrainerRun
 
+from trainer.lease import Lease, LeaseHeld
 from trainer.model import fraud_mlp
+from trainer.storage import filesystem
 
 if TYPE_CHECKING:
     import subprocess
@@ -95,6 +100,81 @@ def step_series(run: TrainerRun, key: str) -> list[tuple[int, float]]:
     client = MlflowClient(run.tracking_uri)
     history = client.get_metric_history(run.result()["mlflow_run_id"], key)
     return sorted((m.step, m.value) for m in history)
+
+
+def lease_uri(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if where == "s3":
+        request.getfixturevalue("s3")
+        return f"s3://ckpt/runs/lease-{uuid.uuid4().hex}"
+    return f"file://{tmp_path / 'checkpoints'}"
+
+
+def stored_lease(uri: str) -> dict[str, Any] | None:
+    fs, root = filesystem(uri)
+    return json.loads(fs.cat_file(f"{root}/lease.json")) if fs.exists(f"{root}/lease.json") else None
+
+
+def store_lease(uri: str, **record: Any) -> None:
+    fs, root = filesystem(uri)
+    fs.pipe_file(f"{root}/lease.json", json.dumps(record).encode())
+
+
+# ---- lease, in one process ---------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_lease_refuses_a_live_holder_and_hands_over_released_expired_and_lost_ones(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    uri = lease_uri(where, tmp_path, request)
+    a = Lease.acquire(uri, CTX, config_hash="h1", owner="job-a")
+    a.record_run("run-a")
+    assert stored_lease(uri)["mlflow_run_id"] == "run-a"
+    with pytest.raises(LeaseHeld, match=f"checkpoint directory {uri} is leased by job-a until 20"):
+        Lease.acquire(uri, CTX, config_hash="h1", owner="job-b")
+    assert stored_lease(uri)["owner"] == "job-a"
+
+    a.release(keep_run=True)  # a retryable failure: the next attempt continues run-a
+    assert stored_lease(uri)["released"] is True
+    b = Lease.acquire(uri, CTX, config_hash="h1", owner="job-b")
+    assert b.run_id == "run-a"
+    b.release()
+    assert stored_lease(uri) is None
+
+    # A dead holder's expired lease of another config: taken over, its run not continued.
+    store_lease(uri, owner="job-dead", lease_id="x", expires_at=time.time() - 1, config_hash="h0",
+                mlflow_run_id="run-dead")  # fmt: skip
+    c = Lease.acquire(uri, CTX, config_hash="h1", owner="job-c", ttl_s=0.4)
+    assert c.run_id is None and stored_lease(uri)["owner"] == "job-c"
+    c.check()  # still ours
+
+    # Someone takes it while c runs (c stalled past its expiry): c's renewal notices, c stops.
+    store_lease(uri, owner="job-x", lease_id="y", expires_at=time.time() + 60, config_hash="h1")
+    time.sleep(0.3)  # > one renewal period (ttl / 4)
+    with pytest.raises(LeaseHeld, match="was taken over by job-x"):
+        c.check()
+    c.release()
+    assert stored_lease(uri)["owner"] == "job-x"  # left alone
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_of_eight_trainers_taking_a_lease_at_once_exactly_one_gets_it(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    uri = lease_uri(where, tmp_path, request)
+    start = threading.Barrier(8)
+
+    def take(owner: str) -> Lease | LeaseHeld:
+        start.wait()
+        try:
+            return Lease.acquire(uri, CTX, config_hash="h1", owner=owner)
+        except LeaseHeld as exc:
+            return exc
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(take, [f"job-{i}" for i in range(8)]))
+    (winner,) = [o for o in outcomes if isinstance(o, Lease)]
+    assert sum(isinstance(o, LeaseHeld) for o in outcomes) == 7
+    assert stored_lease(uri)["owner"] == winner.owner
+    winner.release()
 
 
 # ---- one MLflow run, prompt restart --------------------------------------------------------------

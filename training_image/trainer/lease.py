@@ -334,7 +334,9 @@ class _LeaseStore:
         condition: dict[str, Any] = {"mode": "create"} if create else ({"IfMatch": token} if token else {})
         try:
             out = self.fs.pipe_file(self.path, blob, **condition)
-        except OSError as exc:  # s3fs maps 412 Precondition Failed to EINVAL, 409 Conflict to EBUSY
+        except FileExistsError as exc:  # s3fs: 412 Precondition Failed
+            raise _Conflict(str(exc)) from exc
+        except OSError as exc:  # older s3fs: 412 as EINVAL; 409 ConditionalRequestConflict as EBUSY
             if exc.errno in (errno.EINVAL, errno.EBUSY):
                 raise _Conflict(str(exc)) from exc
             raise
