@@ -1,8 +1,8 @@
 """Errors the trainer raises on purpose, each bound to the process exit code the pipeline acts on.
 
 Exit codes (docs/contracts.md): 65 bad data or config (terminal), 70 divergence or bug (terminal),
-75 retryable (lost peer, storage timeout). Airflow retries only 75, and a retry resumes from the last
-good checkpoint.
+75 retryable (lost peer, storage timeout, checkpoint directory leased by another trainer). Airflow
+retries only 75, and a retry resumes from the last good checkpoint.
 """
 
 from __future__ import annotations
