@@ -74,3 +74,12 @@ def test_overrides_beyond_the_limits_are_refused_before_a_run_exists(validated):
             pipeline.train(settings, snapshot, validation, dag_id="t", dag_run_id="r-big", overrides=overrides)
     experiment = client.get_experiment_by_name(settings.experiment_name)
     assert (len(client.search_runs([experiment.experiment_id])) if experiment else 0) == before
+
+
+def test_a_result_record_that_is_not_an_object_is_a_data_error(tmp_path):
+    from ctrain.errors import DataError
+
+    (tmp_path / "result.json").write_text("null")
+    with pytest.raises(DataError, match="result.json is not a JSON object"):
+        pipeline._read_result(f"file://{tmp_path}")
+    assert pipeline._read_result(f"file://{tmp_path / 'absent'}") is None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ctrain import lineage, params, registry
-from ctrain.errors import ConfigError, CtrainError, GovernanceRejected, TrainingFailed
+from ctrain.errors import ConfigError, CtrainError, DataError, GovernanceRejected, TrainingFailed
 from ctrain.governance import Policy, decide
 from ctrain.launchers import TrainingJob, describe_exit, get_launcher
 
@@ -194,7 +194,14 @@ def _read_result(output_uri: str, name: str = RESULT_FILE) -> dict[str, Any] | N
     if not fs.exists(path):
         return None
     with fs.open(path, "r") as fh:
-        return json.load(fh)
+        try:
+            record = json.load(fh)
+        except ValueError:
+            record = None
+    if not isinstance(record, dict):
+        raise DataError(f"{output_uri}/{name} is not a JSON object, so not a trainer record; delete it "
+                        "and rerun the task")
+    return record
 
 
 def _remove(uri: str) -> None:

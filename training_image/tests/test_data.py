@@ -126,3 +126,26 @@ def test_epochs_are_shuffled_differently_and_reproducibly() -> None:
 def test_eval_shards_cover_the_split_once() -> None:
     covered = torch.cat([idx for rank in range(3) for idx in shard(10, 3, rank, batch_size=2)])
     assert sorted(covered.tolist()) == list(range(10))
+
+
+def test_a_config_refused_at_load_leaves_its_terminal_code_in_failure_json(tmp_path: Path) -> None:
+    # torchrun exits 1 for any failed worker; without failure.json the launcher would take a bad config
+    # for a retryable failure and retry it.
+    uri = write_snapshot(tmp_path / "snap", rows=(50, 20, 10))
+    run = TrainerRun(tmp_path / "run", uri)
+    proc = run("optimizer.lr=-1", nproc=2)
+    assert proc.returncode != 0
+    record = json.loads((tmp_path / "run" / "output" / "failure.json").read_text())
+    assert record["exit_code"] == 65 and record["retryable"] is False
+    assert "optimizer.lr" in record["error"]
+
+
+def test_a_result_json_that_is_not_an_object_is_ignored_and_replaced(tmp_path: Path) -> None:
+    uri = write_snapshot(tmp_path / "snap", rows=(64, 32, 32))
+    run = TrainerRun(tmp_path / "run", uri)
+    (tmp_path / "run" / "output").mkdir(parents=True)
+    (tmp_path / "run" / "output" / "result.json").write_text("[]")
+    proc = run("train.epochs=1", nproc=1)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "result.json is not a JSON object; ignoring it" in proc.stderr
+    assert run.result()["status"] == "succeeded"

@@ -22,7 +22,9 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from trainer import distributed
 from trainer.config import TrainerConfig, json_schema, load_config, markdown_table, overrides_schema
@@ -71,8 +73,36 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except TrainerError as exc:
         log.error("%s", exc)
+        if int(os.environ.get("RANK", "0")) == 0:
+            _record_config_failure(args.config, args.overrides, exc)
         return exc.exit_code
     return run(cfg)
+
+
+def _record_config_failure(config: str | None, overrides: list[str], exc: TrainerError) -> None:
+    """A config refused at load still leaves its failure.json (when output.uri can be read at all), so
+    the launcher sees the terminal code instead of torchrun's 1 and does not retry a bad config."""
+    import yaml
+
+    output_uri = None
+    for assignment in overrides:
+        key, _, value = assignment.partition("=")
+        if key.strip() == "output.uri":
+            output_uri = value.strip()
+    if output_uri is None and config:
+        try:
+            tree = yaml.safe_load(Path(config).read_text())
+            output_uri = tree.get("output", {}).get("uri") if isinstance(tree, dict) else None
+        except Exception:
+            output_uri = None
+    if not isinstance(output_uri, str) or not output_uri or urlsplit(output_uri).password is not None:
+        return  # nowhere to write, or a URI the config check refused for holding a secret
+    record = {"status": "failed", "exit_code": exc.exit_code, "error": f"{type(exc).__name__}: {exc}",
+              "retryable": exc.exit_code == EXIT_RETRYABLE, "mlflow_run_id": None}
+    try:
+        write_result(output_uri, record, FAILURE_FILE)
+    except Exception:
+        log.exception("could not write the failure record under %s", output_uri)
 
 
 def run(cfg: TrainerConfig) -> int:
@@ -153,9 +183,15 @@ def read_result(output_uri: str) -> dict[str, Any] | None:
     """The ``result.json`` under ``output_uri``, or None if there is none."""
     fs, root = filesystem(output_uri)
     try:
-        return json.loads(fs.cat_file(f"{root}/{RESULT_FILE}"))
+        result = json.loads(fs.cat_file(f"{root}/{RESULT_FILE}"))
     except FileNotFoundError:
         return None
+    except ValueError:
+        result = None
+    if not isinstance(result, dict):  # not a result this trainer wrote: treated as absent, and replaced
+        log.warning("%s is not a JSON object; ignoring it", join(output_uri, RESULT_FILE))
+        return None
+    return result
 
 
 def _already_done(cfg: TrainerConfig) -> bool:
