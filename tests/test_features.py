@@ -124,12 +124,13 @@ def test_chunked_join_gives_the_same_snapshot(dp_snapshot, dp_generated):
 
 def test_apply_is_idempotent(dp_generated):
     store = features.feature_store(dp_generated)
-    assert sorted(fv.name for fv in store.list_feature_views()) == ["customer_stats", "merchant_stats"]
+    # The repo declares every pipeline's objects in one Feast project; the fraud ones are among them.
+    assert {"customer_stats", "merchant_stats"} <= {fv.name for fv in store.list_feature_views()}
     _, first_hash = features.feature_service_hash(store, "fraud_model_v1")
     features.apply_feature_repo(dp_generated)
     store = features.feature_store(dp_generated)
     assert features.feature_service_hash(store, "fraud_model_v1")[1] == first_hash
-    assert [e.name for e in sorted(store.list_entities(), key=lambda e: e.name)] == ["customer", "merchant"]
+    assert {"customer", "merchant"} <= {e.name for e in store.list_entities()}
     assert (dp_generated.home / "feast" / "registry.db").is_file()
     assert not list(Path(dp_generated.feature_repo).glob("*.db"))  # state never lands in the repo
 

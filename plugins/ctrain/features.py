@@ -756,7 +756,8 @@ def build_snapshot(
 
 
 def materialize_incremental(settings: Settings, end: datetime | None = None) -> dict[str, list[list[str]]]:
-    """Load feature rows newer than the last materialization (up to ``end``, default now) into the online store.
+    """Load the feature service's rows newer than the last materialization (up to ``end``, default now)
+    into the online store.
 
     Feast keeps each view's materialized intervals in the registry, so repeated calls only load new rows.
     A view never materialized before is loaded from ``end - ttl`` (every row still valid at ``end``):
@@ -768,8 +769,13 @@ def materialize_incremental(settings: Settings, end: datetime | None = None) -> 
         raise ConfigError(f"end={end!r}: pass a timezone-aware datetime (UTC)")
     store = feature_store(settings)
     with _feast_env(settings):
+        # Only the views this pipeline's feature service reads: other pipelines' views share the Feast
+        # project, and their data (or its absence) is not this pipeline's to load.
+        service = store.get_feature_service(settings.feature_service)
+        names = {projection.name for projection in service.feature_view_projections}
+        views = [fv for fv in store.list_feature_views() if fv.name in names]
         incremental = []
-        for fv in store.list_feature_views():
+        for fv in views:
             if fv.materialization_intervals:
                 incremental.append(fv.name)
             else:
@@ -780,6 +786,7 @@ def materialize_incremental(settings: Settings, end: datetime | None = None) -> 
         return {
             fv.name: [[s.isoformat(), e.isoformat()] for s, e in fv.materialization_intervals]
             for fv in store.list_feature_views()
+            if fv.name in names
         }
 
 
