@@ -13,12 +13,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ctrain_examples import delivery_eta as eta
 
 from ctrain import features
 from ctrain.definition import PROJECT_ROOT, load_file
 from ctrain.errors import DataError
 from ctrain.settings import Settings
+from ctrain_examples import delivery_eta as eta
 
 if TYPE_CHECKING:
     from pathlib import Path
