@@ -144,7 +144,9 @@ class Governance(_Section):
 
 class Training(_Section):
     config: Path = Field(description="Trainer YAML config, relative to the repository root.")
-    launcher: Literal["local", "docker", "kubernetes"] = Field(default="local", description="Where torchrun runs.")
+    launcher: Literal["local", "docker", "kubernetes"] | None = Field(
+        default=None, description="Where torchrun runs; null: the deployment's CTRAIN_LAUNCHER."
+    )
     nproc_per_node: int = Field(default=2, ge=1, description="torchrun processes per node.")
 
 

@@ -10,13 +10,16 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ctrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ctrain.definition import PipelineDefinition
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -52,15 +55,16 @@ class Settings(BaseSettings):
     mlflow_artifact_root: str = Field(
         default="", description="Artifact root for new MLflow experiments. Default: {home}/mlartifacts."
     )
-    experiment_name: str = Field(default="fraud_detector", description="MLflow experiment name.")
-    model_name: str = Field(default="fraud_detector", description="Registered model name.")
-    feature_service: str = Field(default="fraud_model_v1", description="Feast FeatureService to train on.")
-    trainer_config: Path = Field(
-        default=PROJECT_ROOT / "training_image" / "configs" / "default.yaml",
-        description="Trainer YAML config used by the train task.",
+    pipeline: str = Field(
+        default="fraud",
+        description="Pipeline this process works for: pipelines/<name>.yaml in pipelines_dir. Everything "
+        "specific to one model (registered model, feature service, trainer config, policy) is in there.",
     )
-    nproc_per_node: int = Field(default=2, ge=1, description="torchrun processes per node.")
-    launcher: str = Field(default="local", description="Training launcher: local | docker | kubernetes.")
+    launcher: str = Field(
+        default="local",
+        description="Deployment's training launcher (local | docker | kubernetes), unless the pipeline "
+        "definition names one.",
+    )
     training_image: str = Field(default="ctrain-trainer:latest", description="Image for docker/k8s launchers.")
     min_test_roc_auc: float = Field(default=0.80, description="Governance: minimum test ROC AUC to promote.")
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO / moto), path-style.")
@@ -116,6 +120,37 @@ class Settings(BaseSettings):
             )
         return uri
 
+    # ---- the pipeline's facts: owned by its definition, read through here ------------------------
+    @cached_property
+    def definition(self) -> PipelineDefinition:
+        from ctrain.definition import load
+
+        return load(self, self.pipeline)
+
+    @property
+    def model_name(self) -> str:
+        return self.definition.model.name
+
+    @property
+    def experiment_name(self) -> str:
+        return self.definition.model.name
+
+    @property
+    def feature_service(self) -> str:
+        return self.definition.feature_service
+
+    @property
+    def trainer_config(self) -> Path:
+        return self.definition.trainer_config_path()
+
+    @property
+    def nproc_per_node(self) -> int:
+        return self.definition.training.nproc_per_node
+
+    @property
+    def resolved_launcher(self) -> str:
+        return self.definition.training.launcher or self.launcher
+
     @cached_property
     def resolved_object_root(self) -> str:
         return self.object_root or f"file://{self.home / 'objects'}"
@@ -133,11 +168,12 @@ class Settings(BaseSettings):
         return self.mlflow_artifact_root or str(self.home / "mlartifacts")
 
 
-def get_settings() -> Settings:
-    """Settings from the current environment (fresh each call, so tests can monkeypatch env)."""
+def get_settings(pipeline: str | None = None) -> Settings:
+    """Settings from the current environment (fresh each call, so tests can monkeypatch env), for
+    ``pipeline`` (default: ``CTRAIN_PIPELINE``, else fraud)."""
     os.environ.setdefault("CTRAIN_HOME", str(_default_home()))
     try:
-        return Settings()
+        return Settings(**({"pipeline": pipeline} if pipeline else {}))
     except ValidationError as exc:  # pydantic's own message repeats the value, which may hold a secret
         problems = [f"CTRAIN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
                     for e in exc.errors()]
