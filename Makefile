@@ -17,9 +17,11 @@ $(STAMP): requirements.lock pyproject.toml training_image/pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e . -e training_image
 	@touch $(STAMP)
 
-## demo: generate data, run the continuous_training DAG end to end on embedded defaults, print a summary
+## demo: generate data, run a pipeline's DAG end to end on embedded defaults, print a summary
+##       (PIPELINE=<name> picks pipelines/<name>.yaml; default fraud)
+PIPELINE ?= fraud
 demo: install
-	$(BIN)/python -m ctrain.demo
+	CTRAIN_PIPELINE=$(PIPELINE) $(BIN)/python -m ctrain.demo
 
 ## test: the whole suite (slow end-to-end tests included)
 test: install

@@ -1,4 +1,9 @@
-"""Which landed transaction partitions have not been announced to the training DAG yet."""
+"""Which landed partitions of a pipeline's events table have not been announced to its training DAG yet.
+
+The events table is the definition's ``events.table``, landed as ``{data_root}/{table}/date=YYYY-MM-DD/``
+with parquet files inside; the high-water mark is per pipeline, at
+``{object_root}/state/{pipeline}/{table}_announced.json``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import json
 from datetime import date
 from typing import TYPE_CHECKING
 
-from ctrain.datagen import TRANSACTIONS, list_partitions
 from ctrain.features import open_fs, write_bytes
 
 if TYPE_CHECKING:
@@ -14,7 +18,8 @@ if TYPE_CHECKING:
 
 
 def _marker(settings: Settings) -> str:
-    return f"{settings.resolved_object_root}/state/transactions_announced.json"
+    table = settings.definition.events.table
+    return f"{settings.resolved_object_root}/state/{settings.pipeline}/{table}_announced.json"
 
 
 def last_announced(settings: Settings) -> date | None:
@@ -25,11 +30,19 @@ def last_announced(settings: Settings) -> date | None:
         return date.fromisoformat(json.load(fh)["newest"])
 
 
+def landed_partitions(settings: Settings) -> list[date]:
+    """Dates with a partition (a ``date=`` folder holding a parquet file) of the events table, sorted."""
+    base = settings.resolved_data_root / settings.definition.events.table
+    if not base.is_dir():
+        return []
+    return sorted(date.fromisoformat(p.name.removeprefix("date="))
+                  for p in base.glob("date=*") if p.is_dir() and any(p.glob("*.parquet")))
+
+
 def unannounced_partitions(settings: Settings) -> list[date]:
     """Landed partition dates newer than the high-water mark, oldest first."""
     newest = last_announced(settings)
-    days = list_partitions(settings.resolved_data_root, TRANSACTIONS)
-    return [d for d in days if newest is None or d > newest]
+    return [d for d in landed_partitions(settings) if newest is None or d > newest]
 
 
 def mark_announced(settings: Settings, days: list[str]) -> None:

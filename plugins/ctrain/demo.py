@@ -1,15 +1,18 @@
 """``make demo``: the whole pipeline on embedded defaults, then a summary of what it produced.
 
-Steps: generate data (once), migrate the Airflow SQLite DB, run the ``continuous_training`` DAG with
-``airflow dags test`` (full Airflow task execution, in one process), and print what the run produced,
-read back from MLflow and the object store. Usage::
+Steps: generate the pipeline's example data (once, with its definition's ``example.datagen``), migrate
+the Airflow SQLite DB, run the pipeline's ``continuous_training__<name>`` DAG with ``airflow dags test``
+(full Airflow task execution, in one process), and print what the run produced, read back from MLflow
+and the object store. The pipeline is ``CTRAIN_PIPELINE`` (``make demo PIPELINE=<name>``; default fraud).
+Usage::
 
-    python -m ctrain.demo [--days 60] [--seed 0] [--log FILE]
+    python -m ctrain.demo [--days N] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -17,13 +20,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ctrain.errors import ConfigError
 from ctrain.localenv import airflow_env, ui_urls
 from ctrain.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
-DAG_ID = "continuous_training"
+    from ctrain.definition import PipelineDefinition
+
+# Where a definition's example generator may live: the examples package, or beside the definition's own
+# model code (its module). A definition is data; it must not make the demo import arbitrary modules.
+EXAMPLES_PACKAGE = "ctrain_examples"
 
 
 def airflow(args: list[str], env: Mapping[str, str], log_path: Path, echo: bool = False) -> int:
@@ -45,14 +53,29 @@ def airflow(args: list[str], env: Mapping[str, str], log_path: Path, echo: bool 
         return proc.wait()
 
 
-def ensure_data(settings: Settings, days: int, seed: int) -> None:
-    from ctrain import datagen
+def example_generator(definition: PipelineDefinition) -> Callable[..., object]:
+    """The definition's ``example.datagen`` function, imported only from an allowed module."""
+    if definition.example is None:
+        raise ConfigError(f"pipeline {definition.name!r} has no example.datagen: land its data under the "
+                          "data root yourself, then run its DAG")
+    module, _, function = definition.example.datagen.partition(":")
+    allowed = (EXAMPLES_PACKAGE, "ctrain.datagen")
+    if not any(module == p or module.startswith(f"{p}.") for p in allowed):
+        raise ConfigError(f"example.datagen {definition.example.datagen!r} of pipeline {definition.name!r}: "
+                          f"the demo imports generators only from {', '.join(allowed)}")
+    return getattr(importlib.import_module(module), function)
 
-    if (settings.resolved_data_root / "transactions").exists():
-        print(f"data: reusing {settings.resolved_data_root}")
+
+def ensure_data(settings: Settings, days: int | None, seed: int) -> None:
+    definition = settings.definition
+    table = definition.events.table
+    if (settings.resolved_data_root / table).exists():
+        print(f"data: reusing {settings.resolved_data_root / table}")
         return
-    print(f"data: generating {days} days of transactions into {settings.resolved_data_root}")
-    datagen.generate(settings.resolved_data_root, days=days, seed=seed)
+    generate = example_generator(definition)
+    days = days or (definition.example.days if definition.example else 0)
+    print(f"data: generating {days} days of {table} into {settings.resolved_data_root}")
+    generate(settings.resolved_data_root, days=days, seed=seed)
 
 
 def summary(settings: Settings) -> str:
@@ -71,7 +94,7 @@ def summary(settings: Settings) -> str:
     ui = f"make up, then open {urls['airflow']} (Airflow, login printed by make up) and {urls['mlflow']} (MLflow)"
     lines = [
         "",
-        "=== ctrain demo: summary ===",
+        f"=== ctrain demo: summary (pipeline {settings.pipeline}) ===",
         f"dataset version     : {t.get('dataset_version')}  (feature service {t.get('feature_service')})",
         f"snapshot            : {settings.resolved_object_root}/datasets/{t.get('dataset_version')}",
         f"validation          : success (GX result {t.get('gx_result_id')})",
@@ -80,16 +103,23 @@ def summary(settings: Settings) -> str:
         f"MLflow run          : {mv.run_id}  ({settings.resolved_tracking_uri})",
         f"model               : {name} v{version}  aliases: {', '.join(sorted(mv.aliases))}",
         f"checkpoint          : {t.get('checkpoint')}",
-        f"test metrics        : roc_auc={m.get('test_roc_auc', float('nan')):.4f} "
-        f"pr_auc={m.get('test_pr_auc', float('nan')):.4f} loss={m.get('test_loss', float('nan')):.4f}",
+        f"test metrics        : {_metric_line(settings.definition, m)}",
         f"UIs                 : {ui}",
     ]
     return "\n".join(lines)
 
 
+def _metric_line(definition: PipelineDefinition, metrics: Mapping[str, float]) -> str:
+    """'rmse=3.1234 (primary, lower is better) mae=2.3456 loss=...': the definition's metrics, primary first."""
+    values = [f"{name.removeprefix('test_')}={metrics.get(name, float('nan')):.4f}" for name in definition.test_metrics]
+    values[0] += f" (primary, {definition.metrics.direction} is better)"
+    return " ".join([*values, f"loss={metrics.get('test_loss', float('nan')):.4f}"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--days", type=int, default=60, help="days of data to generate on first run")
+    parser.add_argument("--days", type=int, default=None,
+                        help="days of data to generate on first run (default: the definition's example.days)")
     parser.add_argument("--seed", type=int, default=0, help="data generator seed")
     args = parser.parse_args(argv)
 
@@ -106,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     if airflow(["db", "migrate"], env, log_path) != 0:
         print(f"airflow db migrate failed; see {log_path}")
         return 1
-    print(f"airflow: running DAG {DAG_ID} (full log: {log_path})")
-    code = airflow(["dags", "test", DAG_ID], env, log_path, echo=True)
+    dag_id = settings.definition.dag_id
+    print(f"airflow: running DAG {dag_id} (full log: {log_path})")
+    code = airflow(["dags", "test", dag_id], env, log_path, echo=True)
     if code != 0:
         print(f"DAG run failed (exit {code}); see {log_path}")
         return code

@@ -1,6 +1,14 @@
-"""Score a registered-model candidate and the current champion on the same test split."""
+"""Score a registered-model candidate and the current champion on the same test split.
+
+The metrics are the pipeline definition's (``metrics.primary`` and ``metrics.report``), computed from the
+served model's output for the definition's task (``ctrain.definition.TASK_METRICS``)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ctrain.definition import PipelineDefinition
 
 
 def read_split(snapshot_uri: str, split: str):
@@ -110,17 +118,53 @@ def input_names(model) -> list[str]:
     return list(schema.input_names()) if schema is not None else []
 
 
-def score_model(model, snapshot_uri: str, split: str = "test") -> dict[str, float]:
-    """ROC AUC, PR AUC and row count of a loaded pyfunc ``model`` on ``split`` of the snapshot."""
+def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split: str = "test") -> dict[str, float]:
+    """Every metric of ``definition`` (its primary and report metrics) for a loaded pyfunc ``model`` on
+    ``split`` of the snapshot, as ``{split}_{metric}``, plus ``{split}_rows``.
+
+    The served output is what a caller gets: the probability of class 1 (binary), one probability per
+    class (multiclass) or the value (regression); the metrics are computed from it.
+    """
     import numpy as np
-    from sklearn.metrics import average_precision_score, roc_auc_score
 
     frame, manifest = read_split(snapshot_uri, split)
     features = frame[manifest["feature_columns"]].astype("float32")
-    scores = np.asarray(model.predict(features)).reshape(-1)
+    predictions = np.asarray(model.predict(features), dtype="float64")
     labels = frame[manifest["label_column"]].to_numpy()
+    wanted = [m.removeprefix("test_") for m in definition.test_metrics]
+    metrics = _metric_functions()[definition.task.type]
+    scores = {f"{split}_{name}": float(metrics[name](labels, predictions)) for name in wanted}
+    return {**scores, f"{split}_rows": float(len(frame))}
+
+
+def _binary(predictions):  # one value per row: probability of class 1, or the regression value
+    return predictions.reshape(-1)
+
+
+def _multiclass(predictions):  # one probability per class and row
+    return predictions.reshape(len(predictions), -1)
+
+
+def _metric_functions():
+    """Metric name -> f(labels, served predictions), per task: the names of ctrain.definition.TASK_METRICS."""
+    from sklearn import metrics as m
+
     return {
-        f"{split}_roc_auc": float(roc_auc_score(labels, scores)),
-        f"{split}_pr_auc": float(average_precision_score(labels, scores)),
-        f"{split}_rows": float(len(frame)),
+        "binary": {
+            "roc_auc": lambda y, p: m.roc_auc_score(y, _binary(p)),
+            "pr_auc": lambda y, p: m.average_precision_score(y, _binary(p)),
+            "accuracy": lambda y, p: m.accuracy_score(y, _binary(p) >= 0.5),
+            "log_loss": lambda y, p: m.log_loss(y, _binary(p), labels=[0, 1]),
+        },
+        "multiclass": {
+            "accuracy": lambda y, p: m.accuracy_score(y, _multiclass(p).argmax(axis=1)),
+            "macro_f1": lambda y, p: m.f1_score(y, _multiclass(p).argmax(axis=1), average="macro"),
+            "log_loss": lambda y, p: m.log_loss(y, _multiclass(p), labels=list(range(_multiclass(p).shape[1]))),
+        },
+        "regression": {
+            "rmse": lambda y, p: m.root_mean_squared_error(y, _binary(p)),
+            "mae": lambda y, p: m.mean_absolute_error(y, _binary(p)),
+            "r2": lambda y, p: m.r2_score(y, _binary(p)),
+        },
     }
+

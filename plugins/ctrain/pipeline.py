@@ -56,7 +56,7 @@ def build_dataset(settings: Settings, start: str | None = None, end: str | None 
 
 
 def _partition_summary(manifest: dict[str, Any]) -> str:
-    """'transactions 2026-01-01..2026-03-01 (60), customer_stats ...': which landed files made the snapshot.
+    """'<table> 2026-01-01..2026-03-01 (60), <feature table> ...': which landed files made the snapshot.
 
     The full list with a sha256 per file stays in the manifest; this summary fits in an MLflow tag."""
     by_table: dict[str, list[str]] = {}
@@ -116,12 +116,14 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
     overrides = {k: v if isinstance(v, str) else json.dumps(v) for k, v in typed.items()}
     config_path = Path(settings.trainer_config)
     if not config_path.is_file():
-        raise ConfigError(f"trainer config {config_path} does not exist; set CTRAIN_TRAINER_CONFIG to a YAML file")
+        raise ConfigError(f"trainer config {config_path} does not exist; fix training.config of pipeline "
+                          f"{settings.pipeline!r} ({settings.pipelines_dir})")
     config_bytes = config_path.read_bytes()
     try:
         config_tree = yaml.safe_load(config_bytes) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"trainer config {config_path} (CTRAIN_TRAINER_CONFIG) is not valid YAML: {exc}") from None
+        raise ConfigError(f"trainer config {config_path} (training.config of pipeline {settings.pipeline!r}) "
+                          f"is not valid YAML: {exc}") from None
     fingerprint = lineage.config_fingerprint(config_bytes, overrides)
     key = lineage.run_key(dag_id, snapshot["dataset_version"], fingerprint)
     root = settings.resolved_object_root
@@ -161,8 +163,9 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
         status = registry.close_failed_run(client, run.run_id, exc)
         log.info("MLflow run %s closed as %s", run.run_id, status)
         raise
-    log.info("training took %.1fs; test_roc_auc=%.4f", time.monotonic() - started,
-             result["metrics"]["test_roc_auc"])
+    primary = settings.definition.primary_test_metric
+    log.info("training took %.1fs; %s=%s", time.monotonic() - started, primary,
+             result.get("metrics", {}).get(primary, "not logged by the trainer"))
     return {**result, "run_key": key, "reused": False}
 
 
@@ -171,7 +174,7 @@ def _launch(settings: Settings, job: TrainingJob, output_uri: str,
     """Run the trainer and return its result; TrainingFailed carries the trainer's own exit code."""
     _remove(f"{output_uri}/{FAILURE_FILE}")  # an earlier attempt's record must not speak for this one
     try:
-        get_launcher(settings.launcher, settings.training_image).run(job, sink)
+        get_launcher(settings.resolved_launcher, settings.training_image).run(job, sink)
     except TrainingFailed as exc:
         # torchrun exits 1 whenever a worker fails; the trainer's own code (65/70/75) is in failure.json
         # (result.json may keep an earlier success, which a failed rerun never replaces).
@@ -213,15 +216,21 @@ def _remove(uri: str) -> None:
 
 
 def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, Any]) -> dict[str, Any]:
-    """Score the new model and the champion on the same test split, from their MLflow models."""
+    """Score the new model and the champion on the same test split, from their MLflow models.
+
+    Every metric of the definition is computed from the exported model; its primary metric must
+    reproduce what the trainer logged for the same split (when the trainer logs that metric), else the
+    export does not hold the trained weights."""
     from ctrain.evaluation import input_names, load_model, score_model
     from ctrain.features import read_manifest
 
-    challenger = score_model(load_model(training["model_uri"]), snapshot["uri"])
-    logged = training["metrics"]["test_roc_auc"]
-    if abs(challenger["test_roc_auc"] - logged) > 1e-4:
+    definition = settings.definition
+    primary = definition.primary_test_metric
+    challenger = score_model(load_model(training["model_uri"]), snapshot["uri"], definition)
+    logged = training["metrics"].get(primary)
+    if logged is not None and abs(challenger[primary] - logged) > _REPRODUCTION_TOLERANCE * max(1.0, abs(logged)):
         raise CtrainError(
-            f"exported model scores test_roc_auc={challenger['test_roc_auc']:.6f} but training logged "
+            f"exported model scores {primary}={challenger[primary]:.6f} but training logged "
             f"{logged:.6f}: the MLflow model does not reproduce the trained weights ({training['model_uri']})"
         )
     client = registry.get_client(settings)
@@ -232,17 +241,23 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
         features = read_manifest(snapshot["uri"])["feature_columns"]
         champion_model = load_model(champion_uri)
         if input_names(champion_model) == features:
-            champion = score_model(champion_model, snapshot["uri"])
+            champion = score_model(champion_model, snapshot["uri"], definition)
         else:
             # A champion trained on another feature set cannot be scored on this snapshot; the policy then
             # judges the challenger on its floor alone, and the audit record says so.
             log.warning("champion v%s takes other inputs than this snapshot's features; not compared",
                         champion_version)
     run_id = training["mlflow_run_id"]
-    client.log_metric(run_id, "eval_test_roc_auc", challenger["test_roc_auc"])
-    if champion is not None:
-        client.log_metric(run_id, "champion_test_roc_auc", champion["test_roc_auc"])
+    for name in definition.test_metrics:
+        client.log_metric(run_id, f"eval_{name}", challenger[name])
+        if champion is not None:
+            client.log_metric(run_id, f"champion_{name}", champion[name])
     return {"challenger": challenger, "champion": champion, "champion_version": champion_version}
+
+
+# Relative (to the metric, at least 1) gap allowed between the exported model's primary metric and the
+# trainer's: float32 vs float64 accumulation, not a different model.
+_REPRODUCTION_TOLERANCE = 1e-4
 
 
 def register(settings: Settings, training: dict[str, Any], snapshot: dict[str, Any],
@@ -255,7 +270,7 @@ def register(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
         "source_partitions": snapshot["source_partitions"],
         "gx_result_id": validation["result_id"],
         "git_sha": lineage.git_sha(),
-        "image": settings.training_image if settings.launcher != "local" else "local",
+        "image": settings.training_image if settings.resolved_launcher != "local" else "local",
         "config_hash": training["config_hash"],
         "seed": str(training["seed"]),
         "dag_run_id": dag_run_id,
@@ -269,9 +284,10 @@ def register(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
     return {"model": settings.model_name, "version": version, "alias": registry.CHALLENGER}
 
 
-def govern(settings: Settings, evaluation: dict[str, Any], min_test_roc_auc: float | None = None) -> dict[str, Any]:
-    """Apply the promotion policy; raises ``GovernanceRejected`` so nothing is promoted on a 'no'."""
-    policy = Policy(min_test_roc_auc=settings.min_test_roc_auc if min_test_roc_auc is None else min_test_roc_auc)
+def govern(settings: Settings, evaluation: dict[str, Any], primary_metric_floor: float | None = None) -> dict[str, Any]:
+    """Apply the definition's promotion policy (``primary_metric_floor`` replaces its floor when given);
+    raises ``GovernanceRejected`` so nothing is promoted on a 'no'."""
+    policy = Policy.from_definition(settings.definition, floor=primary_metric_floor)
     decision = decide(policy, evaluation["challenger"], evaluation["champion"])
     for reason in decision.reasons:
         log.info("governance: %s", reason)

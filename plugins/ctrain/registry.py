@@ -1,6 +1,6 @@
 """MLflow side of the pipeline: the training run per run key, model versions, aliases and their audit trail.
 
-One registered model per pipeline (``fraud_detector``) with aliases ``challenger``, ``champion`` and
+One registered model per pipeline (the definition's ``model.name``) with aliases ``challenger``, ``champion`` and
 ``previous``. Every version carries lineage tags; every alias move writes an audit record to
 ``{object_root}/audit/{model}/`` and onto the version's tags. All calls are idempotent for their inputs,
 so a retried task never creates a second run or a second version for the same run key.
@@ -92,7 +92,7 @@ def register_challenger(client: MlflowClient, settings: Settings, run_id: str, m
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="ctrain fraud detector (card transactions).")
+        client.create_registered_model(name, description=settings.definition.model.description)
     versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if versions:
         version = versions[0].version
@@ -147,7 +147,7 @@ class AuditRecord:
     model: str
     version: str
     action: str  # "promote" | "reject"
-    decided_by: str  # e.g. "policy:fraud-v1" or "human:alice"
+    decided_by: str  # "policy:<governance.version>" or "human:<user>"
     policy_version: str
     previous_champion: str | None
     metrics_compared: dict[str, Any]

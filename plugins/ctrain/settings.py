@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     )
     data_root: str = Field(
         default="",
-        description="Where raw landed data lives (transactions partitions and feature sources). "
+        description="Where raw landed data lives (every pipeline's event partitions and feature sources). "
         "Default: {home}/data.",
     )
     feature_repo: Path = Field(default=PROJECT_ROOT / "feature_repo", description="Feast repo path.")
@@ -66,7 +66,6 @@ class Settings(BaseSettings):
         "definition names one.",
     )
     training_image: str = Field(default="ctrain-trainer:latest", description="Image for docker/k8s launchers.")
-    min_test_roc_auc: float = Field(default=0.80, description="Governance: minimum test ROC AUC to promote.")
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO / moto), path-style.")
 
     # What a trigger may ask of the trainer: the Params' schema carries these bounds (read when the DAG
