@@ -135,6 +135,11 @@ def test_apply_is_idempotent(dp_generated):
     assert not list(Path(dp_generated.feature_repo).glob("*.db"))  # state never lands in the repo
 
 
+def _with_definition(settings, **changes):
+    """``settings`` whose pipeline definition has ``changes`` (a copy; the original is untouched)."""
+    return settings.model_copy(update={"definition": settings.definition.model_copy(update=changes)})
+
+
 def test_unknown_service_and_bad_window_are_config_errors(dp_generated):
     with pytest.raises(ConfigError, match="need more than"):
         features.build_snapshot(dp_generated, val_days=3, test_days=3)
@@ -143,7 +148,7 @@ def test_unknown_service_and_bad_window_are_config_errors(dp_generated):
     with pytest.raises(ConfigError, match="chunk_rows=0"):
         features.build_snapshot(dp_generated, val_days=1, test_days=1, chunk_rows=0)
     with pytest.raises(ConfigError, match="fraud_model_v9"):
-        features.build_snapshot(dp_generated.model_copy(update={"feature_service": "fraud_model_v9"}),
+        features.build_snapshot(_with_definition(dp_generated, feature_service="fraud_model_v9"),
                                 val_days=1, test_days=1)
 
 
@@ -211,7 +216,7 @@ def test_point_in_time_join_with_crafted_rows(dp_settings):
     assert got[4] == 20 and got[5] == 20 and np.isnan(got[6])  # TTL respected
     assert got[7] == 31 and got[8] == 4
     assert df.loc[[1, 3, 8], "merchant_fraud_rate_30d"].tolist() == [0.01, 0.02, 0.04]
-    assert info.manifest["missing_features"] == {"handling": "keep", "rows": 1}
+    assert info.manifest["missing_features"] == {"handling": "fail", "rows": 1}
     # "drop" handling removes the expired row and is a different dataset version.
     dropped = features.build_snapshot(dp_settings, val_days=1, test_days=1, missing_features="drop")
     assert dropped.dataset_version != info.dataset_version
@@ -249,7 +254,7 @@ def _assert_nothing_written(settings) -> None:
         (lambda t: t.set_column(3, "event_timestamp", pa.array(
             [datetime(2026, 1, 4, 1, tzinfo=UTC)] * t.num_rows, pa.timestamp("us", tz="UTC"))),
          "outside the partition's date"),
-        (lambda t: t.set_column(5, "label", pa.array([2] * t.num_rows, pa.int64())), "label values"),
+        (lambda t: t.set_column(5, "label", pa.array([2] * t.num_rows, pa.int64())), "column 'label' values"),
         (lambda t: t.set_column(3, "event_timestamp", t.column("event_timestamp").cast(pa.timestamp("us"))),
          "no time zone"),
     ],

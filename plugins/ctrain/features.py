@@ -1,16 +1,17 @@
-"""Feast -> versioned dataset snapshot.
+"""Feast -> versioned dataset snapshot, for the pipeline that ``settings.definition`` describes.
 
-``build_snapshot`` turns the labelled transactions landed under the data root into an immutable training
-set in object storage::
+``build_snapshot`` turns the labelled events landed under the data root into an immutable training set in
+object storage::
 
     {object_root}/datasets/{dataset_version}/train.parquet, val.parquet, test.parquet, manifest.json
 
-1. Events: every labelled transaction in the window (``transactions/date=*/``), checked for the bad
-   inputs listed under :func:`load_transactions`, as one Arrow table sorted by (event time, id).
+1. Events: every labelled event in the window (``{events.table}/date=*/*.parquet``), checked for the bad
+   inputs listed under :func:`load_events`, as one Arrow table sorted by (event time, id). Column names,
+   the label's kind and the event's own features come from the definition's ``events`` and ``task``.
 2. Point-in-time join: ``FeatureStore.get_historical_features(entity_df, features=<FeatureService>)``
    (duckdb offline store) on consecutive slices of ``chunk_rows`` events, so memory follows the chunk
-   rather than the window (the duckdb join needs ~0.6 KB per event); the event's own ``amount`` is a
-   feature column too.
+   rather than the window (the duckdb join needs ~0.6 KB per event); the event's own features
+   (``events.event_features``) are feature columns too.
 3. Time-based split: the last ``test_days`` days are test, the ``val_days`` before are validation, the
    rest is train. Each joined chunk is appended to its split's parquet file, encoded in memory while the
    next chunk is joined.
@@ -19,22 +20,22 @@ set in object storage::
    manifest, nothing is written. Otherwise the three parquet files are written and ``manifest.json`` last:
    a snapshot without a manifest does not exist (readers and re-runs treat it as absent).
 
-Missing features: a label whose entity has no feature row within the view's TTL gets nulls from Feast.
-By default (``missing_features="keep"``) such rows stay in the snapshot with NaN and the GX gate's
-not-null expectations fail the run: in this domain every entity gets a fresh aggregate row daily, so a
-miss means a feature partition is late or broken, which must stop training rather than be papered over.
-``missing_features="drop"`` removes those rows instead; either way the manifest records the count.
+Missing features (``validation.missing_features`` of the definition): an event whose entity has no feature
+row within the view's TTL gets nulls from Feast. With ``fail`` (the default) such rows stay in the snapshot
+with NaN and the GX gate's not-null expectations fail the run: when every entity gets a fresh aggregate row
+daily, a miss means a feature partition is late or broken, which must stop training rather than be papered
+over. ``drop`` removes those rows instead; either way the manifest records the count.
 
-Feast runs in-process (``apply_feature_repo``, ``feature_store``); paths come from :mod:`ctrain.settings`
-and are passed to the repo's ``feature_store.yaml`` / ``definitions.py`` as ``CTRAIN_HOME`` and
-``CTRAIN_DATA_ROOT``. Heavy libraries (feast, pandas, pyarrow) are imported inside functions so this module
-is cheap to import from a DAG file.
+Landed tables are daily partitions ``{data_root}/{table}/date=YYYY-MM-DD/*.parquet`` (:func:`partition_dir`,
+:func:`list_partitions`). Feast runs in-process (``apply_feature_repo``, ``feature_store``); paths come from
+:mod:`ctrain.settings` and are passed to the repo's ``feature_store.yaml`` and declaration files as
+``CTRAIN_HOME`` and ``CTRAIN_DATA_ROOT``. Heavy libraries (feast, pandas, pyarrow) are imported inside
+functions so this module is cheap to import from a DAG file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import io
@@ -48,7 +49,6 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ctrain import datagen
 from ctrain.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -59,16 +59,12 @@ if TYPE_CHECKING:
     from feast import FeatureStore
     from fsspec import AbstractFileSystem
 
+    from ctrain.definition import PipelineDefinition
     from ctrain.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-ID_COLUMN = "transaction_id"
-LABEL_COLUMN = "label"
-TIMESTAMP_COLUMN = "event_timestamp"
-ENTITY_COLUMNS = ["customer_id", "merchant_id"]
-EVENT_FEATURES = ["amount"]  # features taken from the labelled event itself, not from Feast
 MANIFEST = "manifest.json"
 # Events per Feast point-in-time join call (see build_snapshot): bounds peak memory; each call costs
 # ~0.15 s of fixed Feast/ibis overhead, so fewer, larger chunks are faster.
@@ -76,28 +72,35 @@ DEFAULT_CHUNK_ROWS = 125_000
 # The last days of the window that become the test split, and the days before them the validation split.
 DEFAULT_TEST_DAYS = 7
 DEFAULT_VAL_DAYS = 7
-# Columns a transactions partition must have, with the arrow type family each must belong to.
-TRANSACTION_SCHEMA = {
-    "transaction_id": "integer",
-    "customer_id": "integer",
-    "merchant_id": "integer",
-    "event_timestamp": "timestamp",
-    "amount": "floating",
-    "label": "integer",
-}
 
-# The entity frame's canonical Arrow types; narrower ints or other timestamp units are cast to these.
+# The snapshot's canonical Arrow types; narrower ints or other timestamp units are cast to these.
 _CANONICAL_TYPES = {"integer": "int64", "floating": "float64", "timestamp": "timestamp[us, tz=UTC]"}
 
 
-@functools.cache
-def _transaction_schema() -> Any:
+def label_family(definition: PipelineDefinition) -> str:
+    """Arrow type family of the label: integer class ids for classification, floating for regression."""
+    return "floating" if definition.task.type == "regression" else "integer"
+
+
+def events_schema(definition: PipelineDefinition) -> dict[str, str]:
+    """Columns an events partition must have, in snapshot order, with the type family each must belong to."""
+    e = definition.events
+    return {
+        e.id_column: "integer",
+        **{k: "integer" for k in e.entity_columns},
+        e.timestamp_column: "timestamp",
+        **{f: "floating" for f in e.event_features},
+        e.label_column: label_family(definition),
+    }
+
+
+def _arrow_schema(families: dict[str, str]) -> pa.Schema:
     import pyarrow as pa
 
     def arrow_type(family: str) -> Any:
         return pa.timestamp("us", tz="UTC") if family == "timestamp" else pa.type_for_alias(_CANONICAL_TYPES[family])
 
-    return pa.schema([(c, arrow_type(f)) for c, f in TRANSACTION_SCHEMA.items()])
+    return pa.schema([(c, arrow_type(f)) for c, f in families.items()])
 
 
 # Feast objects read os.environ at load time; serialise the env swap so threads cannot interleave it.
@@ -296,8 +299,8 @@ def feature_service_hash(store: FeatureStore, service_name: str) -> tuple[Any, s
         service = store.get_feature_service(service_name)
     except FeatureServiceNotFoundException as e:
         raise ConfigError(
-            f"FeatureService {service_name!r} (CTRAIN_FEATURE_SERVICE) is not in the registry: "
-            "run apply_feature_repo first or fix the name"
+            f"FeatureService {service_name!r} (the pipeline definition's feature_service) is not in the "
+            "registry: run apply_feature_repo first or fix the name"
         ) from e
     views = []
     for proj in service.feature_view_projections:
@@ -341,18 +344,41 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_transactions(
-    data_root: Path, days: list[date], now: datetime | None = None
+def partition_dir(data_root: Path, table: str, day: date) -> Path:
+    """Directory of one daily partition of a landed table: ``{data_root}/{table}/date=YYYY-MM-DD``."""
+    return Path(data_root) / table / f"date={day.isoformat()}"
+
+
+def list_partitions(data_root: Path, table: str) -> list[date]:
+    """Dates that have a partition (a ``date=YYYY-MM-DD`` directory with a parquet file) of ``table``, sorted."""
+    base = Path(data_root) / table
+    if not base.is_dir():
+        return []
+    days = []
+    for d in base.glob("date=*"):
+        if d.is_dir() and any(d.glob("*.parquet")):
+            day = _parse_day(d.name.removeprefix("date="), f"{base}/{d.name}")
+            assert day is not None  # a non-empty string parses or raises
+            days.append(day)
+    return sorted(days)
+
+
+def load_events(
+    settings: Settings, days: list[date], now: datetime | None = None
 ) -> tuple[pa.Table, list[dict[str, Any]], int]:
-    """The labelled events of ``days`` as one Arrow table sorted by (event time, id), plus the partitions
-    read and the duplicates dropped.
+    """The labelled events of ``days`` (table and columns: ``settings.definition.events``) as one Arrow
+    table sorted by (event time, id), plus the partitions read and the duplicates dropped.
 
-    Bad inputs fail with DataError naming the partition and the fix; nothing is written by the caller:
+    Bad inputs fail with DataError naming the partition file, the column and the fix; nothing is written
+    by the caller:
 
-    - an empty partition (0 rows), a missing column, a column of the wrong type, a label outside {0, 1},
-      a null id/key/timestamp/label: the partition is broken;
+    - an empty partition (0 rows), a missing column, a column of the wrong type (:func:`events_schema`:
+      ids and entity keys integer, the timestamp a UTC timestamp, event features floating, the label
+      integer for classification and floating for regression), a null id/key/timestamp/label, a label
+      that is not a class (binary: 0 or 1; multiclass: 0..num_classes-1) or a NaN/infinite target: the
+      partition is broken (nulls in event features are data quality, left to the GX gate);
     - an event outside its partition's date, or later than ``now``: the clock or the partitioning is wrong;
-    - the same ``transaction_id`` twice with different content: conflicting deliveries.
+    - the same id twice with different content: conflicting deliveries.
 
     Documented handling: rows repeated verbatim (e.g. the same file delivered twice into one date
     directory) are dropped and counted; the manifest records the count.
@@ -364,75 +390,83 @@ def load_transactions(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    definition = settings.definition
+    e = definition.events
+    data_root = Path(settings.resolved_data_root)
+    families = events_schema(definition)
+    schema = _arrow_schema(families)
+    order = [(e.timestamp_column, "ascending"), (e.id_column, "ascending")]
     now = now or datetime.now(UTC)
     day_tables, partitions, duplicates = [], [], 0
     for day in days:
-        part_dir = datagen.partition_path(data_root, datagen.TRANSACTIONS, day).parent
+        part_dir = partition_dir(data_root, e.table, day)
         files = sorted(part_dir.glob("*.parquet"))
         if not files:
-            raise DataError(f"{part_dir}: no parquet file in the transactions partition for {day}")
+            raise DataError(f"{part_dir}: no parquet file in the {e.table} partition for {day}")
         tables = []
         for path in files:
             data = path.read_bytes()
             try:
                 table = pq.read_table(pa.BufferReader(data))
-            except (OSError, pa.ArrowInvalid) as e:
-                raise DataError(f"{path}: not a readable parquet file ({e}); re-deliver the partition") from e
-            _check_partition(path, table, day, now)
+            except (OSError, pa.ArrowInvalid) as exc:
+                raise DataError(f"{path}: not a readable parquet file ({exc}); re-deliver the partition") from exc
+            _check_partition(path, table, day, now, definition, families)
             partitions.append({
-                "table": datagen.TRANSACTIONS, "date": day.isoformat(),
+                "table": e.table, "date": day.isoformat(),
                 "path": str(path.relative_to(data_root)), "rows": table.num_rows,
                 "sha256": hashlib.sha256(data).hexdigest(),
             })
-            tables.append(table.select(list(TRANSACTION_SCHEMA)).cast(_transaction_schema()))
+            tables.append(table.select(list(families)).cast(schema))
         table = pa.concat_tables(tables)
         # A verbatim repeat has the same event time, hence the same day: duplicates are found per day.
-        if pc.count_distinct(table.column(ID_COLUMN)).as_py() != table.num_rows:
+        if pc.count_distinct(table.column(e.id_column)).as_py() != table.num_rows:
             deduped = pa.Table.from_pandas(table.to_pandas().drop_duplicates(), preserve_index=False)
             duplicates += table.num_rows - deduped.num_rows
-            table = deduped.cast(_transaction_schema())
+            table = deduped.cast(schema)
         # Partitions cover disjoint days, so sorting each day sorts the whole window.
-        if not _is_sorted(table):
-            table = table.take(pc.sort_indices(table, [(TIMESTAMP_COLUMN, "ascending"), (ID_COLUMN, "ascending")]))
+        if not _is_sorted(table, e.timestamp_column, e.id_column):
+            table = table.take(pc.sort_indices(table, order))
         day_tables.append(table)
     events = pa.concat_tables(day_tables).combine_chunks()
 
-    ids = events.column(ID_COLUMN)
+    ids = events.column(e.id_column)
     sorted_ids = np.sort(ids.to_numpy())  # a sort is several times faster than hashing 1e6 ids here
     if (sorted_ids[1:] == sorted_ids[:-1]).any():
         counts = pc.value_counts(ids)
         clash = counts.filter(pc.greater(counts.field("counts"), 1))
         raise DataError(
-            f"transaction_id not unique: {len(clash)} id(s) occur in rows with different content "
+            f"{e.id_column} not unique in {e.table}: {len(clash)} id(s) occur in rows with different content "
             f"(e.g. {clash.field('values')[:5].to_pylist()}); the same event was delivered twice with "
             "different values. Remove the wrong copy."
         )
     if duplicates:
-        log.warning("dropped %d verbatim duplicate transaction rows", duplicates)
+        log.warning("dropped %d verbatim duplicate %s rows", duplicates, e.table)
     return events, partitions, duplicates
 
 
-def _is_sorted(table: pa.Table) -> bool:
+def _is_sorted(table: pa.Table, ts_column: str, id_column: str) -> bool:
     """Whether rows are in (event time, id) order (producers usually write them so; sorting is then skipped)."""
     import pyarrow.compute as pc
 
     if table.num_rows < 2:
         return True
-    ts, ids = table.column(TIMESTAMP_COLUMN), table.column(ID_COLUMN)
+    ts, ids = table.column(ts_column), table.column(id_column)
     t0, t1 = ts.slice(0, len(ts) - 1), ts.slice(1)
     in_order = pc.or_(pc.less(t0, t1), pc.and_(pc.equal(t0, t1), pc.less(ids.slice(0, len(ids) - 1), ids.slice(1))))
     return bool(pc.all(in_order).as_py())
 
 
-def _check_partition(path: Path, table: Any, day: date, now: datetime) -> None:
+def _check_partition(path: Path, table: Any, day: date, now: datetime, definition: PipelineDefinition,
+                     families: dict[str, str]) -> None:
     import pyarrow.compute as pc
 
+    e, task = definition.events, definition.task
     if table.num_rows == 0:
         raise DataError(
             f"{path}: empty partition (0 rows). An empty day means the upstream export failed; "
             "re-deliver it or delete the partition to exclude the day."
         )
-    for col, family in TRANSACTION_SCHEMA.items():
+    for col, family in families.items():
         if col not in table.column_names:
             raise DataError(f"{path}: missing column {col!r} (has {table.column_names})")
         got = _type_family(table.schema.field(col).type)
@@ -442,25 +476,33 @@ def _check_partition(path: Path, table: Any, day: date, now: datetime) -> None:
                 "fix the producer's schema"
             )
         nulls = table.column(col).null_count
-        if nulls and col != "amount":  # amount nulls are data quality, left to the GX gate
-            raise DataError(f"{path}: column {col!r} has {nulls} null(s); ids, time and label are required")
-    labels = pc.unique(table.column(LABEL_COLUMN)).to_pylist()
-    if not set(labels) <= {0, 1}:
-        raise DataError(f"{path}: label values {sorted(labels)}; expected only 0 and 1")
-    ts = table.column(TIMESTAMP_COLUMN)
+        if nulls and col not in e.event_features:  # event-feature nulls are data quality, left to the GX gate
+            raise DataError(f"{path}: column {col!r} has {nulls} null(s); ids, keys, time and label are required")
+    label = table.column(e.label_column)
+    if task.type == "regression":
+        bad = int(pc.sum(pc.invert(pc.is_finite(label))).as_py() or 0)
+        if bad:
+            raise DataError(f"{path}: column {e.label_column!r} (the target) has {bad} NaN or infinite value(s)")
+    else:
+        classes = set(range(task.num_classes or 2))
+        values = pc.unique(label).to_pylist()
+        if not set(values) <= classes:
+            raise DataError(f"{path}: column {e.label_column!r} values {sorted(values)}; expected only class ids "
+                            f"{min(classes)}..{max(classes)} ({task.type} task)")
+    ts = table.column(e.timestamp_column)
     if ts.type.tz is None:
-        raise DataError(f"{path}: event_timestamp has no time zone; write timestamps in UTC (tz='UTC')")
+        raise DataError(f"{path}: column {e.timestamp_column!r} has no time zone; write timestamps in UTC (tz='UTC')")
     lo, hi = pc.min(ts).as_py(), pc.max(ts).as_py()
     if hi > now:
         raise DataError(
-            f"{path}: event_timestamp {hi.isoformat()} is in the future (now {now.isoformat()}); "
+            f"{path}: column {e.timestamp_column!r}: {hi.isoformat()} is in the future (now {now.isoformat()}); "
             "the producer's clock or time zone is wrong"
         )
     start = datetime.combine(day, datetime.min.time(), tzinfo=UTC)
     if lo < start or hi >= start + timedelta(days=1):
         raise DataError(
-            f"{path}: events from {lo.isoformat()} to {hi.isoformat()} are outside the partition's date "
-            f"{day}; partition by UTC event date"
+            f"{path}: column {e.timestamp_column!r}: events from {lo.isoformat()} to {hi.isoformat()} are "
+            f"outside the partition's date {day}; partition by UTC event date"
         )
 
 
@@ -506,17 +548,19 @@ def check_window(
     first, last = _parse_day(start, "start"), _parse_day(end, "end")
     if first and last and last < first:
         raise ConfigError(f"start={first} is after end={last}: set start on or before end (both inclusive, YYYY-MM-DD)")
-    available = datagen.list_partitions(data_root, datagen.TRANSACTIONS)
+    table = settings.definition.events.table
+    available = list_partitions(data_root, table)
     if not available:
         raise DataError(
-            f"no transactions partitions under {data_root / datagen.TRANSACTIONS}; generate data "
-            "(python -m ctrain.datagen --out <data_root>) or set CTRAIN_DATA_ROOT"
+            f"no {table} partitions under {data_root / table} (pipeline {settings.definition.name}); land "
+            f"them as {table}/date=YYYY-MM-DD/*.parquet (an example pipeline's generator is its "
+            "example.datagen) or set CTRAIN_DATA_ROOT"
         )
     first, last = first or available[0], last or available[-1]
     days = [d for d in available if first <= d <= last]
     if not days:
         raise DataError(
-            f"no transactions partitions between start={first} and end={last}: data has landed for "
+            f"no {table} partitions between start={first} and end={last}: data has landed for "
             f"{available[0]}..{available[-1]}; choose a window inside it (or leave start/end empty for all of it)"
         )
     if len(days) < val_days + test_days + 1:
@@ -535,7 +579,7 @@ class _SplitWriter:
     nor on how the rows were chunked: each column has its own running hash, combined at the end.
     """
 
-    def __init__(self, schema: pa.Schema) -> None:
+    def __init__(self, schema: pa.Schema, positives_of: str | None) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -544,6 +588,7 @@ class _SplitWriter:
         self._writer = pq.ParquetWriter(self._sink, schema, compression="snappy")
         self._hashes = [hashlib.sha256() for _ in schema]
         self.rows = 0
+        self._positives_of = positives_of  # binary label column: count its ones for the label rate
         self.labels = 0
 
     def write(self, table: pa.Table) -> None:
@@ -555,7 +600,8 @@ class _SplitWriter:
         for h, col in zip(self._hashes, table.columns, strict=True):
             h.update(col.to_numpy().tobytes())
         self.rows += table.num_rows
-        self.labels += int(pc.sum(table.column(LABEL_COLUMN)).as_py() or 0)
+        if self._positives_of:
+            self.labels += int(pc.sum(table.column(self._positives_of)).as_py() or 0)
 
     def close(self) -> tuple[bytes, str]:
         """The parquet file's bytes and the content digest."""
@@ -567,7 +613,8 @@ class _SplitWriter:
 
     @property
     def label_rate(self) -> float | None:
-        return round(self.labels / self.rows, 6) if self.rows else None
+        """Positive rate of a binary label (None for other tasks or no rows)."""
+        return round(self.labels / self.rows, 6) if self.rows and self._positives_of else None
 
 
 def _write_parts(parts: list[tuple[_SplitWriter, pa.Table]]) -> None:
@@ -575,35 +622,39 @@ def _write_parts(parts: list[tuple[_SplitWriter, pa.Table]]) -> None:
         writer.write(table)
 
 
-def _join_chunk(store: FeatureStore, service: Any, events: pa.Table, schema: pa.Schema) -> pa.Table:
+def _join_chunk(store: FeatureStore, service: Any, events: pa.Table, schema: pa.Schema,
+                definition: PipelineDefinition) -> pa.Table:
     """Feast point-in-time join of one chunk of events (sorted by time, id); the result in the same order.
 
     Only the ids, entity keys and event times go to Feast (they are all the join needs); the event's own
-    columns (amount, label) are put back by position after checking that the ids line up.
+    columns (event features, label) are put back by position after checking that the ids line up.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    keys = events.select([ID_COLUMN, *ENTITY_COLUMNS, TIMESTAMP_COLUMN])
+    e = definition.events
+    keys = events.select([e.id_column, *e.entity_columns, e.timestamp_column])
     joined = store.get_historical_features(entity_df=keys.to_pandas(), features=service).to_arrow()
     if joined.num_rows != events.num_rows:
         raise DataError(f"point-in-time join returned {joined.num_rows} rows for {events.num_rows} events")
-    joined = joined.take(pc.sort_indices(joined, [(TIMESTAMP_COLUMN, "ascending"), (ID_COLUMN, "ascending")]))
-    if not pc.all(pc.equal(joined.column(ID_COLUMN), events.column(ID_COLUMN))).as_py():
-        raise DataError("point-in-time join returned other transaction ids than it was given")
+    joined = joined.take(pc.sort_indices(joined, [(e.timestamp_column, "ascending"), (e.id_column, "ascending")]))
+    if not pc.all(pc.equal(joined.column(e.id_column), events.column(e.id_column))).as_py():
+        raise DataError(f"point-in-time join returned other {e.id_column} values than it was given")
     columns = {name: (events if name in events.column_names and name not in joined.column_names else joined)
                .column(name) for name in schema.names}
     return pa.table(columns).cast(schema)
 
 
-def _feature_partitions(data_root: Path, days: list[date], lookback: timedelta) -> list[dict[str, Any]]:
-    """Feature-source partitions that can have fed the window (its days plus the TTL look-back)."""
+def _feature_partitions(data_root: Path, tables: list[str], days: list[date],
+                        lookback: timedelta) -> list[dict[str, Any]]:
+    """Partitions of the feature-source ``tables`` that can have fed the window (its days plus the TTL
+    look-back)."""
     lo = days[0] - timedelta(days=lookback.days + 1)
     out = []
-    for table in datagen.FEATURE_TABLES:
-        for day in datagen.list_partitions(data_root, table):
+    for table in tables:
+        for day in list_partitions(data_root, table):
             if lo <= day <= days[-1]:
-                for path in sorted(datagen.partition_path(data_root, table, day).parent.glob("*.parquet")):
+                for path in sorted(partition_dir(data_root, table, day).glob("*.parquet")):
                     out.append({"table": table, "date": day.isoformat(),
                                 "path": str(path.relative_to(data_root)), "sha256": _sha256_file(path)})
     return out
@@ -615,12 +666,14 @@ def build_snapshot(
     end: date | str | None = None,
     val_days: int = DEFAULT_VAL_DAYS,
     test_days: int = DEFAULT_TEST_DAYS,
-    missing_features: Literal["keep", "drop"] = "keep",
+    missing_features: Literal["fail", "drop"] | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> SnapshotInfo:
-    """Build (or find) the snapshot of labelled events from ``start`` to ``end`` (inclusive dates).
+    """Build (or find) the snapshot of the pipeline's labelled events (``settings.definition``) from
+    ``start`` to ``end`` (inclusive dates).
 
-    Defaults cover every landed partition. Returns the committed snapshot; ``created`` says whether this
+    Defaults cover every landed partition; ``missing_features`` defaults to the definition's
+    ``validation.missing_features``. Returns the committed snapshot; ``created`` says whether this
     call wrote it. Raises DataError/ConfigError on bad input, before anything is written.
 
     ``chunk_rows`` bounds the events per Feast call: the point-in-time join runs on consecutive time
@@ -631,18 +684,21 @@ def build_snapshot(
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if missing_features not in ("keep", "drop"):
-        raise ConfigError(f"missing_features={missing_features!r}: expected 'keep' or 'drop'")
+    definition = settings.definition
+    e, task = definition.events, definition.task
+    missing_features = missing_features or definition.validation.missing_features
+    if missing_features not in ("fail", "drop"):
+        raise ConfigError(f"missing_features={missing_features!r}: expected 'fail' or 'drop'")
     if chunk_rows < 1:
         raise ConfigError(f"chunk_rows={chunk_rows}: must be >= 1")
     data_root = Path(settings.resolved_data_root)
     days = check_window(settings, start, end, val_days, test_days)
 
-    events, tx_partitions, duplicates = load_transactions(data_root, days)
+    events, event_partitions, duplicates = load_events(settings, days)
 
     # Time-based split by UTC event date; events are sorted by time, so each split is a row range.
     test_from, val_from = days[-test_days], days[-(test_days + val_days)]
-    ts = events.column(TIMESTAMP_COLUMN)
+    ts = events.column(e.timestamp_column)
 
     def first_row_on_or_after(day: date) -> int:
         cut = pa.scalar(datetime.combine(day, datetime.min.time(), tzinfo=UTC), pa.timestamp("us", tz="UTC"))
@@ -657,22 +713,25 @@ def build_snapshot(
     with _feast_env(settings):
         service, fs_hash = feature_service_hash(store, settings.feature_service)
         ttl = max((store.get_feature_view(p.name).ttl or timedelta(0)) for p in service.feature_view_projections)
-        feature_columns = EVENT_FEATURES + [f.name for p in service.feature_view_projections for f in p.features]
-        columns = [ID_COLUMN, *ENTITY_COLUMNS, TIMESTAMP_COLUMN, *feature_columns, LABEL_COLUMN]
-        schema = pa.schema(
-            [(c, pa.int64()) for c in (ID_COLUMN, *ENTITY_COLUMNS)]
-            + [(TIMESTAMP_COLUMN, pa.timestamp("us", tz="UTC"))]
-            + [(c, pa.float64()) for c in feature_columns]
-            + [(LABEL_COLUMN, pa.int64())]
-        )
-        writers = {split: _SplitWriter(schema) for split in SPLITS}
+        feature_columns = [*e.event_features,
+                           *(f.name for p in service.feature_view_projections for f in p.features)]
+        clash = sorted(set(feature_columns) & {e.id_column, e.timestamp_column, e.label_column, *e.entity_columns})
+        if clash or len(set(feature_columns)) != len(feature_columns):
+            raise ConfigError(f"feature service {service.name!r} and the events of pipeline {definition.name!r} "
+                              f"name column(s) twice: {clash or feature_columns}; rename the feature(s)")
+        columns = [e.id_column, *e.entity_columns, e.timestamp_column, *feature_columns, e.label_column]
+        schema = _arrow_schema({**{c: "integer" for c in (e.id_column, *e.entity_columns)},
+                                e.timestamp_column: "timestamp", **{c: "floating" for c in feature_columns},
+                                e.label_column: label_family(definition)})
+        positives_of = e.label_column if task.type == "binary" else None
+        writers = {split: _SplitWriter(schema, positives_of) for split in SPLITS}
         n_missing = 0
         # Encoding a chunk (parquet + hashes, GIL released) overlaps with the next chunk's Feast call,
         # whose Python part (plan, compile) leaves a core idle. One chunk in flight bounds the memory.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctrain-snapshot-writer") as pool:
             pending: Future[None] | None = None
             for offset in range(0, events.num_rows, chunk_rows):
-                chunk = _join_chunk(store, service, events.slice(offset, chunk_rows), schema)
+                chunk = _join_chunk(store, service, events.slice(offset, chunk_rows), schema, definition)
                 missing = _or_all([pc.is_null(chunk.column(c), nan_is_null=True) for c in feature_columns])
                 n_missing += int(pc.sum(missing).as_py() or 0)
                 # The chunk is in event order, so its rows of each split are a contiguous range.
@@ -697,7 +756,7 @@ def build_snapshot(
 
     version_src = {
         "feature_service": service.name, "feature_service_hash": fs_hash, "columns": columns,
-        "missing_features": missing_features,
+        "task": task.model_dump(), "missing_features": missing_features,
         "splits": {s: [encoded[s][1], str(bounds[s][0]), str(bounds[s][1])] for s in SPLITS},
     }
     dataset_version = hashlib.sha256(json.dumps(version_src, sort_keys=True).encode()).hexdigest()[:16]
@@ -726,19 +785,22 @@ def build_snapshot(
         "feature_service": service.name,
         "feature_service_hash": fs_hash,
         "feature_columns": feature_columns,
-        "label_column": LABEL_COLUMN,
-        "id_column": ID_COLUMN,
-        "timestamp_column": TIMESTAMP_COLUMN,
-        "entity_columns": ENTITY_COLUMNS,
+        "label_column": e.label_column,
+        "id_column": e.id_column,
+        "timestamp_column": e.timestamp_column,
+        "entity_columns": list(e.entity_columns),
+        "task": task.type,
+        "num_classes": task.num_classes,
+        "pipeline": definition.name,
         "entity_window": {"start": days[0].isoformat(), "end": days[-1].isoformat()},
         "splits": splits_meta,
         "rows": rows,
-        "label_rate": round(labels / rows, 6) if rows else None,
+        "label_rate": round(labels / rows, 6) if rows and positives_of else None,
         "missing_features": {"handling": missing_features, "rows": n_missing},
         "duplicates_dropped": duplicates,
         "source_partitions": {
             "data_root": str(data_root),
-            "partitions": tx_partitions + _feature_partitions(data_root, days, ttl),
+            "partitions": event_partitions + _feature_partitions(data_root, definition.feature_tables, days, ttl),
         },
         "schema": {f.name: str(f.type) for f in schema},
         "feast_project": store.project,
@@ -793,7 +855,8 @@ def materialize_incremental(settings: Settings, end: datetime | None = None) -> 
 def get_online_features(
     settings: Settings, entity_rows: list[dict[str, Any]], feature_service: str | None = None
 ) -> dict[str, list[Any]]:
-    """Serving-time read of the FeatureService for ``entity_rows`` (e.g. ``[{"customer_id": 1, "merchant_id": 2}]``)."""
+    """Serving-time read of the FeatureService for ``entity_rows`` (one dict of join keys per row, e.g.
+    ``[{"<entity column>": 1, ...}]``)."""
     store = feature_store(settings)
     with _feast_env(settings):
         service = store.get_feature_service(feature_service or settings.feature_service)
