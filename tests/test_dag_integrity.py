@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from ctrain.definition import load_all
+
+DEFINITIONS = sorted(load_all(Path(__file__).resolve().parents[1] / "pipelines").values(), key=lambda d: d.name)
+
 DAGS_DIR = Path(__file__).resolve().parents[1] / "dags"
 DAG_FILES = sorted(p for p in DAGS_DIR.glob("*.py") if p.name != "assets.py")
 HEAVY_MODULES = ("torch", "mlflow", "feast", "great_expectations", "pandas", "sklearn", "ctrain.features",
@@ -26,7 +30,17 @@ def dagbag(airflow_env):
 
 def test_every_dag_file_imports_without_errors(dagbag):
     assert dagbag.import_errors == {}
-    assert {"continuous_training"} <= set(dagbag.dag_ids)
+
+
+def test_every_definition_has_a_training_and_an_arrival_dag(dagbag):
+    expected = {d.dag_id for d in DEFINITIONS} | {d.arrival_dag_id for d in DEFINITIONS}
+    assert set(dagbag.dag_ids) == expected
+    assert {d.name for d in DEFINITIONS} >= {"fraud", "delivery_eta"}
+    for definition in DEFINITIONS:
+        for dag_id in (definition.dag_id, definition.arrival_dag_id):
+            dag = dagbag.dags[dag_id]
+            assert definition.name in dag.tags
+            assert {t.owner for t in dag.tasks} == {definition.owner}
 
 
 def test_dags_have_tags_retries_docs_and_no_catchup(dagbag):
@@ -49,17 +63,21 @@ def test_every_task_fails_fast_on_terminal_errors(dagbag):
             assert getattr(task.python_callable, "fails_fast", False), f"{dag_id}.{task.task_id} lacks @fail_fast"
 
 
-def test_continuous_training_wiring(dagbag):
-    dag = dagbag.dags["continuous_training"]
+@pytest.mark.parametrize("definition", DEFINITIONS, ids=lambda d: d.name)
+def test_continuous_training_wiring(dagbag, definition):
+    dag = dagbag.dags[definition.dag_id]
     order = ["build_dataset", "validate", "train", "evaluate", "register", "govern", "promote"]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream} missing"
     assert dag.get_task("materialize_online").upstream_task_ids == {"build_dataset", "validate"}
-    assert set(dag.params.keys()) >= {"start", "end", "trainer_overrides", "min_test_roc_auc"}
-    # Scheduled on a cron OR the transactions asset.
+    assert set(dag.params.keys()) == {"start", "end", "trainer_overrides", "primary_metric_floor"}
+    assert dag.params.get_param("primary_metric_floor").resolve(None) is None
+    # Scheduled on the definition's cron OR its Assets; the arrival DAG emits the events table's Asset.
     schedule = dag.timetable
-    assert [a.name for a in schedule.asset_condition.objects] == ["transactions"]
-    assert schedule.timetable.expression == "0 3 * * *"
+    assert [a.name for a in schedule.asset_condition.objects] == definition.schedule.assets
+    assert schedule.timetable.expression == definition.schedule.cron
+    announce = dagbag.dags[definition.arrival_dag_id].get_task("announce")
+    assert [o.name for o in announce.outlets] == [definition.events.table]
 
 
 def test_trainer_overrides_param_is_the_trainer_config_schema(dagbag):
@@ -72,7 +90,7 @@ def test_trainer_overrides_param_is_the_trainer_config_schema(dagbag):
     generated = json.loads(json.dumps(overrides_schema()))
     stored = json.loads((DAGS_DIR / "trainer_overrides.schema.json").read_text())
     assert stored == generated, "stale: python -m trainer overrides-schema > dags/trainer_overrides.schema.json"
-    param = dagbag.dags["continuous_training"].params.get_param("trainer_overrides")
+    param = dagbag.dags[DEFINITIONS[0].dag_id].params.get_param("trainer_overrides")
     good = {"optimizer.lr": 0.002, "train.epochs": 5, "model.kwargs": {"hidden_sizes": [128, 64]}}
     assert param.resolve(good) == good
     for bad in ({"optim.lr": 0.002}, {"optimizer.lr": -1}, {"optimizer.name": "adam"},
