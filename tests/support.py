@@ -18,6 +18,26 @@ def make_env(home: Path) -> dict[str, str]:
     return env
 
 
+def pipeline_settings(home: Path, name: str = "fraud", pipelines: Path | None = None, **changes: object):
+    """Settings whose pipelines directory (``pipelines``, default under ``home``) holds a copy of ``pipelines/<name>.yaml`` with
+    ``changes`` applied: ``model__name="m1"`` sets ``model.name`` (a definition is data; tests vary it)."""
+    import yaml
+
+    from ctrain.settings import PROJECT_ROOT, Settings
+
+    tree = yaml.safe_load((PROJECT_ROOT / "pipelines" / f"{name}.yaml").read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = str(value) if isinstance(value, Path) else value
+    pipelines = pipelines or home / "pipelines"
+    pipelines.mkdir(parents=True, exist_ok=True)
+    (pipelines / f"{name}.yaml").write_text(yaml.safe_dump(tree))
+    return Settings(home=home, pipelines_dir=pipelines, pipeline=name)
+
+
 def airflow_cli(args: list[str], env: dict[str, str], timeout: float = 900) -> subprocess.CompletedProcess:
     """Run this venv's Airflow CLI with ``env``; output captured."""
     airflow = str(Path(sys.executable).with_name("airflow"))

@@ -8,7 +8,7 @@ import fsspec
 import pytest
 
 from ctrain import registry
-from ctrain.settings import Settings
+from support import pipeline_settings
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,11 @@ def home(tmp_path_factory):
 
 
 @pytest.fixture
-def settings(home, request) -> Settings:
-    return Settings(home=home, model_name=f"fraud_{request.node.name[:40]}")
+def settings(home, request):
+    # One registered model per test, in one MLflow DB: the model name is the definition's.
+    test = request.node.name[:40]
+    return pipeline_settings(home, pipelines=home / "pipelines" / test, model__name=f"m_{test}",
+                             model__description="registry test model")
 
 
 @pytest.fixture
@@ -57,6 +60,7 @@ def test_register_is_idempotent_and_promotion_keeps_previous(client, settings):
     assert len(client.search_model_versions(f"name = '{settings.model_name}'")) == 1
     assert client.get_model_version(settings.model_name, v1).tags["dataset_version"] == "d1"
     assert registry.alias_version(client, settings.model_name, "challenger") == v1
+    assert client.get_registered_model(settings.model_name).description == "registry test model"
 
     audit1 = registry.promote(client, settings, v1, None, _record(v1, None))
     run2, uri2 = _model_run(client, settings, settings.model_name + "k2")

@@ -21,7 +21,7 @@ class Policy:
     """Promotion rules. ``version`` goes into every audit record; bump it when a rule changes."""
 
     version: str
-    metric: str  # e.g. test_rmse
+    metric: str  # the primary test metric, e.g. test_<metrics.primary>
     direction: Direction  # "higher" or "lower" is better
     floor: float  # the metric must be at least this (higher) or at most this (lower)
     # The challenger may trail the champion by at most this much on the same test data.
