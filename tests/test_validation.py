@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ctrain import datagen, features, validation
+from ctrain.definition import PROJECT_ROOT, load_file
 from ctrain.errors import ValidationFailed
 
-SMALL = validation.SuiteConfig(min_rows=1000, min_rows_per_split=100)
+FRAUD = load_file(PROJECT_ROOT / "pipelines" / "fraud.yaml")
+SMALL = validation.suite_config(FRAUD)  # the fraud thresholds (1,000 rows, 100 per split) admit the tiny world
 
 
 def _local(uri: str) -> Path:
@@ -56,7 +59,7 @@ def test_nulls_in_a_feature_partition_fail_the_gate_naming_the_expectation(dp_ge
 
 def test_thresholds_name_the_row_count_and_label_rate_checks(dp_snapshot):
     settings, info = dp_snapshot
-    strict = validation.SuiteConfig(min_rows=10_000, min_rows_per_split=400, min_label_rate=0.2, max_label_rate=0.5)
+    strict = replace(SMALL, min_rows=10_000, min_rows_per_split=400, label_rate=(0.2, 0.5))
     report = validation.validate_snapshot(info.uri, f"{settings.resolved_object_root}/reports", strict)
     failed = "\n".join(report.failed)
     assert "[snapshot] expect_table_row_count_to_be_between(min_value=10000" in failed
@@ -75,7 +78,7 @@ def test_thresholds_name_the_row_count_and_label_rate_checks(dp_snapshot):
 # test split is exactly the 3 new days.
 DRIFT_WORLD = {"rows_per_day": 800, "n_customers": 500, "n_merchants": 100}
 NEW_DAYS = ["2026-01-13", "2026-01-14", "2026-01-15"]
-DRIFT_CFG = validation.SuiteConfig(min_rows=1000, min_rows_per_split=100)
+DRIFT_CFG = SMALL
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +160,7 @@ def test_poisoning_too_small_for_drift_is_stopped_by_governance_on_the_holdout(d
     champion, challenger = fit(ref_frames["train"]), fit(new_frames["train"])
     assert auc(champion, ref_frames["test"]) > 0.8  # the same kind of model is fine on clean data
     holdout = new_frames["test"]
-    decision = decide(Policy(), {"test_roc_auc": auc(challenger, holdout)},
+    decision = decide(Policy.from_definition(FRAUD), {"test_roc_auc": auc(challenger, holdout)},
                       {"test_roc_auc": auc(champion, holdout)})
     assert not decision.approved
     assert any("below floor" in r for r in decision.reasons)
@@ -168,11 +171,10 @@ def test_freshness_of_the_newest_event(dp_snapshot):
 
     settings, info = dp_snapshot
     root = f"{settings.resolved_object_root}/reports"
-    fresh = validation.SuiteConfig(min_rows=1000, min_rows_per_split=100, max_event_age=timedelta(days=1),
-                                   freshness_at=datetime(2026, 1, 7, 12, tzinfo=UTC))
+    fresh = validation.suite_config(FRAUD, max_event_age=timedelta(days=1),
+                                    freshness_at=datetime(2026, 1, 7, 12, tzinfo=UTC))
     assert validation.validate_snapshot(info.uri, root, fresh).success
-    stale = validation.SuiteConfig(min_rows=1000, min_rows_per_split=100, max_event_age=timedelta(days=1),
-                                   freshness_at=datetime(2026, 1, 10, tzinfo=UTC))
+    stale = replace(fresh, freshness_at=datetime(2026, 1, 10, tzinfo=UTC))
     report = validation.validate_snapshot(info.uri, root, stale)
     assert [f.split("(")[0] for f in report.failed] == ["[snapshot] expect_column_max_to_be_between"]
     assert "column=event_timestamp" in report.failed[0] and "2026-01-09" in report.failed[0]

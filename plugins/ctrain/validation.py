@@ -7,18 +7,22 @@ snapshot (GX 1.x, ephemeral context, pandas data source; nothing is read from or
 - ``result.json``: the full GX validation results plus a summary (success, failed expectations, stats)
 - ``data_docs/index.html``: GX Data Docs for this run (static HTML, works from a file or a bucket)
 
-The suites (thresholds in :class:`SuiteConfig`):
+The suites (thresholds in :class:`SuiteConfig`, made from the pipeline definition's ``validation`` and
+``task`` by :func:`suite_config`; column names from the snapshot's manifest):
 
-- ``ctrain_snapshot`` on all rows: exact column list and dtypes (the trainer's contract), no nulls in
-  ids, time, features and label, value ranges per feature, label in {0, 1}, label rate bounds, minimum
-  row count, unique ``transaction_id`` and unique (customer, merchant, event time).
-- ``ctrain_split`` on each of train/val/test: minimum rows and label rate bounds, so a split that came out
-  empty or label-less fails even when the total looks fine.
+- ``ctrain_snapshot`` on all rows: exact column list and dtypes (the trainer's contract: ids and entity
+  keys int64, features float64, the label int64 for classification and float64 for regression), no nulls
+  in ids, time, features and label, value ranges per feature, the label's values (binary: {0, 1};
+  multiclass: 0..num_classes-1; regression: within ``target_range``), minimum row count, unique id and
+  unique (entity keys, event time).
+- ``ctrain_split`` on each of train/val/test: minimum rows and (binary) label rate bounds, so a split that
+  came out empty or label-less fails even when the total looks fine.
 - ``ctrain_drift`` (only with ``reference_uri``, normally the current champion's training snapshot) on the
   newest split (test: the most recent days): KL divergence of every feature and of the label from the
-  reference's train split, with GX's ``expect_column_kl_divergence_to_be_less_than``. This is the
-  poisoning guard: shifted feature sources or flipped labels in newly landed days move these
-  distributions. Shifts too small for it are left to governance on the holdout metrics.
+  reference's train split, with GX's ``expect_column_kl_divergence_to_be_less_than`` (features and a
+  regression target over quantile bins; a binary label's rate or a multiclass label's class shares as
+  categories). This is the poisoning guard: shifted feature sources or flipped labels in newly landed days
+  move these distributions. Shifts too small for it are left to governance on the holdout metrics.
 - freshness (``SuiteConfig.max_event_age``): the newest event is recent enough.
 
 A failed gate is not an exception here: the caller decides. ``report.raise_for_failure()`` raises
@@ -33,15 +37,17 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ctrain.errors import ValidationFailed
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from ctrain.definition import PipelineDefinition, Range
 
 log = logging.getLogger(__name__)
 
@@ -49,39 +55,60 @@ SNAPSHOT_SUITE = "ctrain_snapshot"
 SPLIT_SUITE = "ctrain_split"
 DRIFT_SUITE = "ctrain_drift"
 
-# Plausible ranges per feature; a value outside is a broken upstream job, not a rare customer.
-FEATURE_RANGES: dict[str, tuple[float | None, float | None]] = {
-    "amount": (0.0, 1_000_000.0),
-    "customer_avg_amount_30d": (0.0, 1_000_000.0),
-    "customer_txn_count_7d": (0.0, 100_000.0),
-    "customer_chargeback_rate_90d": (0.0, 1.0),
-    "customer_account_age_days": (0.0, 36_500.0),
-    "merchant_fraud_rate_30d": (0.0, 1.0),
-    "merchant_avg_amount_30d": (0.0, 1_000_000.0),
-    "merchant_txn_count_7d": (0.0, 10_000_000.0),
-}
+Bounds = tuple[float | None, float | None]
 
 
 @dataclass(frozen=True)
 class SuiteConfig:
-    """Thresholds of the gate. Defaults suit the example domain (fraud rate ~3 %)."""
+    """Thresholds of the gate; :func:`suite_config` makes one from a pipeline definition."""
 
+    task: Literal["binary", "multiclass", "regression"] = "binary"
+    num_classes: int | None = None  # multiclass: labels are 0..num_classes-1
     min_rows: int = 1000
     min_rows_per_split: int = 100
-    min_label_rate: float = 0.005
-    max_label_rate: float = 0.20
-    feature_ranges: dict[str, tuple[float | None, float | None]] = field(
-        default_factory=lambda: dict(FEATURE_RANGES)
-    )
-    # Freshness: the newest event must be at most this old at ``freshness_at`` (default: now). Off by
-    # default because the example data is dated 2026-01..03; the pipeline sets it from the run's date.
+    # binary: bounds of each split's positive rate; regression: bounds of every target value (None: off).
+    label_rate: Bounds | None = None
+    target_range: Bounds | None = None
+    # Plausible range per feature; a value outside is a broken upstream job, not a rare entity.
+    feature_ranges: dict[str, Bounds] = field(default_factory=dict)
+    # Freshness: the newest event must be at most this old at ``freshness_at`` (default: now). Off unless
+    # set: the pipeline sets it from the run's date.
     max_event_age: timedelta | None = None
     freshness_at: datetime | None = None
     # Drift vs the reference (champion's training data): KL divergence of the newest split's distribution
-    # from the reference train split's, per feature (10 quantile bins) and for the label.
+    # from the reference train split's, per feature (``drift_bins`` quantile bins) and for the label.
     max_feature_kl: float = 0.15
     max_label_kl: float = 0.03
     drift_bins: int = 10
+
+    @property
+    def classes(self) -> list[int] | None:
+        """The label's allowed values for classification (None for regression)."""
+        if self.task == "regression":
+            return None
+        return list(range(self.num_classes if self.task == "multiclass" and self.num_classes else 2))
+
+
+def suite_config(definition: PipelineDefinition, **overrides: Any) -> SuiteConfig:
+    """The gate's thresholds for a pipeline: its ``validation`` section and its task (``overrides``, e.g.
+    ``max_event_age``, replace single fields)."""
+    v = definition.validation
+
+    def bounds(r: Range | None) -> Bounds | None:
+        return None if r is None else (r.min, r.max)
+
+    return replace(SuiteConfig(
+        task=definition.task.type,
+        num_classes=definition.task.num_classes,
+        min_rows=v.min_rows,
+        min_rows_per_split=v.min_rows_per_split,
+        label_rate=bounds(v.label_rate),
+        target_range=bounds(v.target_range),
+        feature_ranges={name: (r.min, r.max) for name, r in v.feature_ranges.items()},
+        max_feature_kl=v.drift.max_feature_kl,
+        max_label_kl=v.drift.max_label_kl,
+        drift_bins=v.drift.bins,
+    ), **overrides)
 
 
 @dataclass
@@ -123,7 +150,8 @@ def snapshot_expectations(manifest: dict[str, Any], cfg: SuiteConfig) -> list[An
         gxe.ExpectTableColumnsToMatchOrderedList(column_list=columns),
         gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows),
     ]
-    expected_types = {id_col: "int64", label: "int64", **{k: "int64" for k in keys},
+    label_type = "float64" if cfg.task == "regression" else "int64"
+    expected_types = {id_col: "int64", label: label_type, **{k: "int64" for k in keys},
                       **{f: "float64" for f in features}}
     for col, type_ in expected_types.items():
         exps.append(gxe.ExpectColumnValuesToBeOfType(column=col, type_=type_))
@@ -136,10 +164,14 @@ def snapshot_expectations(manifest: dict[str, Any], cfg: SuiteConfig) -> list[An
         lo, hi = cfg.feature_ranges.get(col, (None, None))
         if lo is not None or hi is not None:
             exps.append(gxe.ExpectColumnValuesToBeBetween(column=col, min_value=lo, max_value=hi))
+    # A binary label's rate bounds are checked per split (ctrain_split); they imply the same bounds on the
+    # whole snapshot (a weighted mean of the splits), so the snapshot suite does not repeat them.
+    if cfg.classes is not None:
+        exps.append(gxe.ExpectColumnValuesToBeInSet(column=label, value_set=cfg.classes))
+    elif cfg.target_range is not None:
+        lo, hi = cfg.target_range
+        exps.append(gxe.ExpectColumnValuesToBeBetween(column=label, min_value=lo, max_value=hi))
     exps += [
-        # Label rate bounds are checked per split (ctrain_split); they imply the same bounds on the whole
-        # snapshot (a weighted mean of the splits), so the snapshot suite does not repeat them.
-        gxe.ExpectColumnValuesToBeInSet(column=label, value_set=[0, 1]),
         gxe.ExpectColumnValuesToBeUnique(column=id_col),
         gxe.ExpectCompoundColumnsToBeUnique(column_list=[*keys, ts]),
     ]
@@ -153,12 +185,11 @@ def split_expectations(manifest: dict[str, Any], cfg: SuiteConfig) -> list[Any]:
     """The ``ctrain_split`` expectations, run on each split separately."""
     import great_expectations.expectations as gxe
 
-    return [
-        gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows_per_split),
-        gxe.ExpectColumnMeanToBeBetween(
-            column=manifest["label_column"], min_value=cfg.min_label_rate, max_value=cfg.max_label_rate
-        ),
-    ]
+    exps: list[Any] = [gxe.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows_per_split)]
+    if cfg.task == "binary" and cfg.label_rate is not None:
+        lo, hi = cfg.label_rate
+        exps.append(gxe.ExpectColumnMeanToBeBetween(column=manifest["label_column"], min_value=lo, max_value=hi))
+    return exps
 
 
 def _continuous_partition(values: Any, bins: int) -> dict[str, Any]:
@@ -193,11 +224,14 @@ def drift_expectations(manifest: dict[str, Any], reference: pd.DataFrame, cfg: S
         for col in manifest["feature_columns"]
         if col in reference.columns
     ]
-    rate = float(reference[label].mean())
-    rate = min(max(rate, 1e-4), 1 - 1e-4)  # both classes keep some weight: KL stays finite
+    if cfg.classes is None:  # a regression target: binned like a feature
+        partition = _continuous_partition(reference[label], cfg.drift_bins)
+    else:  # class shares; every class keeps some weight, so the divergence stays finite
+        counts = reference[label].value_counts().reindex(cfg.classes, fill_value=0).to_numpy(dtype=float)
+        shares = [min(max(c / max(counts.sum(), 1.0), 1e-4), 1 - 1e-4) for c in counts]
+        partition = {"values": cfg.classes, "weights": [w / sum(shares) for w in shares]}
     exps.append(gxe.ExpectColumnKLDivergenceToBeLessThan(
-        column=label, partition_object={"values": [0, 1], "weights": [1 - rate, rate]},
-        threshold=cfg.max_label_kl,
+        column=label, partition_object=partition, threshold=cfg.max_label_kl,
     ))
     return exps
 
@@ -358,6 +392,8 @@ def validate_snapshot(
 ) -> ValidationReport:
     """Validate the snapshot at ``snapshot_uri``; write JSON + Data Docs under ``report_root``.
 
+    ``config``: the thresholds, normally ``suite_config(settings.definition)``; without one, those of the
+    pipeline named in the snapshot's manifest (read from the settings' pipelines directory).
     ``reference_uri``: the snapshot the current champion was trained on; when given, the drift suite
     compares the newest split with its train split. Returns the report whatever the outcome; call
     ``raise_for_failure()`` to stop a pipeline on failure. A snapshot (or reference) whose files do not
@@ -365,8 +401,12 @@ def validate_snapshot(
     """
     from ctrain.features import open_fs, read_manifest, write_bytes
 
-    cfg = config or SuiteConfig()
     manifest, snapshot = read_snapshot_frame(snapshot_uri)
+    if config is None:
+        from ctrain.settings import get_settings
+
+        config = suite_config(get_settings(manifest.get("pipeline")).definition)
+    cfg = config
     # The drift reference is the champion's train split; only its feature and label columns are read.
     reference = None
     if reference_uri:
