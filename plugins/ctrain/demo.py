@@ -3,7 +3,7 @@
 Steps: generate the pipeline's example data (once, with its definition's ``example.datagen``), migrate
 the Airflow SQLite DB, run the pipeline's ``continuous_training__<name>`` DAG with ``airflow dags test``
 (full Airflow task execution, in one process), and print what the run produced, read back from MLflow
-and the object store. The pipeline is ``CTRAIN_PIPELINE`` (``make demo PIPELINE=<name>``; default fraud).
+and the object store. The pipeline is ``CTRAIN_PIPELINE`` (``make demo PIPELINE=<name>``), else the settings' default.
 Usage::
 
     python -m ctrain.demo [--days N] [--seed 0]
@@ -110,7 +110,7 @@ def summary(settings: Settings) -> str:
 
 
 def _metric_line(definition: PipelineDefinition, metrics: Mapping[str, float]) -> str:
-    """'rmse=3.1234 (primary, lower is better) mae=2.3456 loss=...': the definition's metrics, primary first."""
+    """'<primary>=0.1234 (primary, lower is better) <report>=... loss=...': the definition's metrics, primary first."""
     values = [f"{name.removeprefix('test_')}={metrics.get(name, float('nan')):.4f}" for name in definition.test_metrics]
     values[0] += f" (primary, {definition.metrics.direction} is better)"
     return " ".join([*values, f"loss={metrics.get('test_loss', float('nan')):.4f}"])
