@@ -50,7 +50,8 @@ def _peak_mb() -> float:
 def _settings(home: Path):
     from ctrain.settings import Settings
 
-    return Settings(home=home, data_root=str(home / "data"), object_root=f"file://{home / 'objects'}")
+    return Settings(home=home, data_root=str(home / "data"), object_root=f"file://{home / 'objects'}",
+                    pipeline="fraud")
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -174,16 +175,18 @@ def pandas_checks(manifest: dict, df, cfg) -> list[str]:
         rows = manifest["splits"][s]["rows"]
         split_labels = df[label].iloc[start:start + rows]
         start += rows
-        if rows < cfg.min_rows_per_split or not cfg.min_label_rate <= split_labels.mean() <= cfg.max_label_rate:
+        lo, hi = cfg.label_rate
+        if rows < cfg.min_rows_per_split or not lo <= split_labels.mean() <= hi:
             failed.append(f"split {s}")
     return failed
 
 
 def worker_gx(uri: str, repeat: int) -> dict:
     from ctrain import validation
+    from ctrain.settings import Settings
 
     manifest, snapshot = validation.read_snapshot_frame(uri)
-    cfg = validation.SuiteConfig()
+    cfg = validation.suite_config(Settings(pipeline="fraud").definition)  # the data is the fraud example's
     with tempfile.TemporaryDirectory() as docs:  # warm-up: GX builds its metric registry on first use
         small = {**manifest, "splits": {s: {"rows": 1000} for s in ("train", "val", "test")}}
         validation.run_suites(small, snapshot.head(3000), cfg, docs)
