@@ -6,7 +6,7 @@
 Every save and load goes through the trainer's own ``trainer.checkpoint.CheckpointManager`` (DCP through
 fsspec, sha256 of every byte as it is written, manifest written last, retention) exactly as
 ``trainer.loop`` calls it, in one process without a process group (how the trainer runs at world size
-1). Two states, both ``trainer.model:fraud_mlp`` with AdamW, trained on synthetic data:
+1). Two states, both ``trainer.model:mlp`` with AdamW, trained on synthetic data:
 
 - large: 256 features -> 2048 x 3 -> 1 (8.9M parameters) + AdamW moments = 107 MB per checkpoint; an
   epoch is 30 steps of batch 64.
@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from trainer.checkpoint import CheckpointManager
 from trainer.distributed import DistContext
-from trainer.model import ModelSpec, fraud_mlp
+from trainer.model import ModelSpec, mlp
 from trainer.storage import filesystem
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ def build(sizes: Sizes) -> tuple[nn.Module, torch.optim.Optimizer]:
         feature_mean=torch.zeros(sizes.features),
         feature_std=torch.ones(sizes.features),
     )
-    model = fraud_mlp(spec, hidden_sizes=sizes.hidden, dropout=sizes.dropout)
+    model = mlp(spec, hidden_sizes=sizes.hidden, dropout=sizes.dropout)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     x, y = synthetic(sizes.batch, sizes.features)
     train_step(model, optimizer, x, y)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/loop_overhead.py            # full run, a few minutes on 2 cores
     .venv/bin/python bench/loop_overhead.py --quick    # smoke run on small data
 
-All three train the same model (``trainer.model:fraud_mlp`` 30 -> 64 -> 32 -> 1, dropout 0.1) on the same
+All three train the same model (``trainer.model:mlp`` 30 -> 64 -> 32 -> 1, dropout 0.1) on the same
 synthetic data with the same math: AdamW, per-step linear-warmup + cosine LR, gradient clipping at 1.0,
 and a validation pass per epoch computing loss, ROC AUC, PR AUC and accuracy.
 
@@ -100,7 +100,7 @@ def load_tensors(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def build_model(train_x: torch.Tensor) -> torch.nn.Module:
-    from trainer.model import ModelSpec, fraud_mlp
+    from trainer.model import ModelSpec, mlp
 
     spec = ModelSpec(
         num_features=NUM_FEATURES,
@@ -110,7 +110,7 @@ def build_model(train_x: torch.Tensor) -> torch.nn.Module:
         feature_std=train_x.double().std(0, unbiased=False).float(),
     )
     torch.manual_seed(SEED)
-    return fraud_mlp(spec, hidden_sizes=HIDDEN, dropout=DROPOUT)
+    return mlp(spec, hidden_sizes=HIDDEN, dropout=DROPOUT)
 
 
 def warmup_cosine(total_steps: int):  # noqa: ANN201 - a LambdaLR factor

@@ -26,7 +26,7 @@ def _check(schema, overrides):
 
 
 @pytest.mark.parametrize("overrides", [
-    {"model.factory": "trainer.model:fraud_mlp"}, {"model.factory": "my_pkg.models.deep:build"},
+    {"model.factory": "trainer.model:mlp"}, {"model.factory": "my_pkg.models.deep:build"},
     {"train.epochs": 50}, {"train.max_steps": None}, {"train.max_steps": 1000}, {"train.batch_size": 4096},
     {"train.max_wall_clock_s": 599.5},
 ])

@@ -2,7 +2,7 @@
 
 The module starts ``airflow api-server`` on a free loopback port (SQLite metadata DB under a tmp home,
 the DAGs serialized with ``airflow dags reserialize``, the simple auth manager with a generated password)
-and posts ``conf`` to ``POST /api/v2/dags/continuous_training/dagRuns`` with a JWT from ``/auth/token``.
+and posts ``conf`` to ``POST /api/v2/dags/continuous_training__fraud/dagRuns`` with a JWT from ``/auth/token``.
 No scheduler runs, so an accepted trigger only queues a run.
 """
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.slow
 
-DAG_ID = "continuous_training"
+DAG_ID = "continuous_training__fraud"
 # A refusal is one rule and its fix, not a dump of the schema (it was ~24,000 characters).
 MAX_BODY = 1000
 
@@ -119,7 +119,7 @@ def test_no_token_no_access(api):
 
 
 def test_a_good_trigger_is_accepted(api):
-    status, body = api.trigger({"trainer_overrides": {"train.epochs": 5, "model.factory": "trainer.model:fraud_mlp",
+    status, body = api.trigger({"trainer_overrides": {"train.epochs": 5, "model.factory": "trainer.model:mlp",
                                                       "model.kwargs": {"hidden_sizes": [32]}}})
     assert status == 200, body
 

@@ -41,7 +41,7 @@ from trainer_testkit import FEATURES, TrainerRun
 
 from trainer.checkpoint import CheckpointManager
 from trainer.distributed import DistContext
-from trainer.model import fraud_mlp
+from trainer.model import mlp
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -59,9 +59,9 @@ RECORD_DIR = "CTRAIN_TEST_RECORD_DIR"
 
 # ---- helpers -----------------------------------------------------------------------------------
 def recording_mlp(spec: ModelSpec, **kwargs: Any) -> nn.Module:
-    """``fraud_mlp`` (same parameters, same init) that appends each training batch's input rows to
+    """``mlp`` (same parameters, same init) that appends each training batch's input rows to
     ``$CTRAIN_TEST_RECORD_DIR/rank{R}-attempt{A}.jsonl``: the samples each rank really consumed."""
-    model = fraud_mlp(spec, **kwargs)
+    model = mlp(spec, **kwargs)
     out = Path(os.environ[RECORD_DIR]) / (
         f"rank{os.environ.get('RANK', '0')}-attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}.jsonl"
     )
@@ -76,9 +76,9 @@ def recording_mlp(spec: ModelSpec, **kwargs: Any) -> nn.Module:
 
 
 def noisy_mlp(spec: ModelSpec, **kwargs: Any) -> nn.Module:
-    """``fraud_mlp`` whose training forward scales its input by noise from python's ``random`` and numpy's
+    """``mlp`` whose training forward scales its input by noise from python's ``random`` and numpy's
     ``np.random``: a user model relying on the global RNGs the trainer seeds per rank."""
-    model = fraud_mlp(spec, **kwargs)
+    model = mlp(spec, **kwargs)
 
     def jitter(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor] | None:
         if not module.training:

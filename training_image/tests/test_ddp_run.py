@@ -49,7 +49,7 @@ def test_one_mlflow_run_with_epoch_metrics_params_and_dataset(finished: TrainerR
     assert client.get_metric_history(run.info.run_id, "step/loss")  # per-step metrics arrived
     assert run.data.params["config_hash"] == result["config_hash"]
     assert run.data.params["train.batch_size"] == "64"
-    assert run.data.params["model.factory"] == "trainer.model:fraud_mlp"
+    assert run.data.params["model.factory"] == "trainer.model:mlp"
     inputs = run.inputs.dataset_inputs
     assert [d.dataset.digest for d in inputs] == [result["dataset_version"]]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}

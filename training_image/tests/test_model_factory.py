@@ -24,7 +24,7 @@ def test_factory_outside_the_prefixes_is_refused_at_load(factory):
     assert "CTRAIN_MODEL_FACTORY_PREFIXES" in message
 
 
-@pytest.mark.parametrize("factory", ["trainer.model:fraud_mlp", "trainer.model.extra:build"])
+@pytest.mark.parametrize("factory", ["trainer.model:mlp", "trainer.model.extra:build"])
 def test_factory_under_a_prefix_is_accepted(factory):
     cfg = load_config(CONFIG, [*LOCATIONS, f"model.factory={factory}", "model.factory_prefixes=[trainer.model]"])
     assert cfg.model.factory == factory

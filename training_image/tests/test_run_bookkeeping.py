@@ -30,7 +30,7 @@ from test_checkpoint_faults import CTX, assert_same_weights, committed_steps, ep
 from trainer_testkit import TrainerRun
 
 from trainer.lease import Lease, LeaseHeld
-from trainer.model import fraud_mlp
+from trainer.model import mlp
 from trainer.storage import filesystem
 
 if TYPE_CHECKING:
@@ -49,10 +49,10 @@ FORCED_KILL = "forcefully exiting via"
 
 # ---- helpers -----------------------------------------------------------------------------------
 def export_killing_mlp(spec: ModelSpec, **kwargs: Any) -> nn.Module:
-    """``fraud_mlp`` (same parameters, same init) that SIGKILLs its process while ``torch.export`` traces
+    """``mlp`` (same parameters, same init) that SIGKILLs its process while ``torch.export`` traces
     it - i.e. inside MLflow's ``log_model``, after the logged model was created - on the torchrun attempt
     named by ``$CTRAIN_TEST_KILL_IN_EXPORT_ATTEMPT``."""
-    model = fraud_mlp(spec, **kwargs)
+    model = mlp(spec, **kwargs)
 
     def kill_while_exporting(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

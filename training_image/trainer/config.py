@@ -86,7 +86,7 @@ class TaskConfig(_Section):
 
 class ModelConfig(_Section):
     factory: str = Field(
-        default="trainer.model:fraud_mlp",
+        default="trainer.model:mlp",
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
         description="Dotted path 'package.module:function' of the model factory (see trainer.model.ModelSpec).",
     )

@@ -1,7 +1,7 @@
 """The final model as served: MLflow model (``pt2``, no pickle) plus safetensors weights.
 
 The served module takes raw feature values ``(batch, num_features)`` float32 in manifest column order
-and returns the prediction (fraud probability for the binary task): scaling and the output transform
+and returns the prediction (the probability of class 1 for the binary task): scaling and the output transform
 are part of the exported graph, so ``mlflow.pyfunc.load_model(uri).predict(df[feature_columns])``
 needs no preprocessing.
 """

@@ -1,4 +1,4 @@
-"""The default fraud model and the factory that builds any model named by dotted path.
+"""The default model (an MLP for any task) and the factory that builds any model named by dotted path.
 
 A factory is ``def factory(spec: ModelSpec, **kwargs) -> nn.Module``; it returns a module mapping a float
 ``(batch, num_features)`` tensor of raw feature values to ``(batch, num_outputs)`` raw outputs (logits
@@ -46,7 +46,7 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def fraud_mlp(spec: ModelSpec, hidden_sizes: Sequence[int] = (64, 32), dropout: float = 0.1) -> nn.Module:
+def mlp(spec: ModelSpec, hidden_sizes: Sequence[int] = (64, 32), dropout: float = 0.1) -> nn.Module:
     """Standardize -> [Linear -> ReLU -> Dropout] per hidden size -> Linear to ``num_outputs``."""
     layers: list[nn.Module] = [Standardize(spec.feature_mean, spec.feature_std)]
     width = spec.num_features

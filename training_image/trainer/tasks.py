@@ -1,6 +1,6 @@
 """Task types: how model outputs become a loss, predictions and validation metrics.
 
-Binary classification (the fraud model) outputs one logit; multiclass outputs one logit per class;
+Binary classification outputs one logit; multiclass outputs one logit per class;
 regression outputs one value.
 """
 
