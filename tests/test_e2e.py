@@ -1,4 +1,4 @@
-"""End to end: the continuous_training DAG under `airflow dags test` on real Airflow, Feast, GX, torchrun
+"""End to end: the continuous_training__fraud DAG under `airflow dags test` on real Airflow, Feast, GX, torchrun
 (2 processes, gloo) and MLflow, each in an isolated ctrain home."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _prepare(home: Path) -> dict[str, str]:
 
 
 def _run_dag(env: dict[str, str]):
-    return airflow_cli(["dags", "test", "continuous_training"], env, timeout=1200)
+    return airflow_cli(["dags", "test", "continuous_training__fraud"], env, timeout=1200)
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +199,8 @@ def test_demo_summary_shows_dataset_version_and_data_docs(trained):
     with fsspec.open(docs, "rt") as page:  # the printed Data Docs location is a real page
         assert "<html" in page.read(4096).lower()
     assert f"model               : {settings.model_name} v{mv.version}" in text
+    assert "(pipeline fraud)" in text
+    assert f"roc_auc={run.data.metrics['test_roc_auc']:.4f} (primary, higher is better)" in text
 
 
 def test_no_credential_reaches_a_log_mlflow_or_storage(trained):

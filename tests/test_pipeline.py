@@ -7,13 +7,14 @@ import pytest
 
 from ctrain import datagen, lineage, pipeline, registry
 from ctrain.errors import ConfigError, TrainingFailed
-from ctrain.settings import PROJECT_ROOT, Settings
+from ctrain.settings import PROJECT_ROOT
+from support import pipeline_settings
 
 
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory):
     home = tmp_path_factory.mktemp("pipeline")
-    settings = Settings(home=home, trainer_config=PROJECT_ROOT / "training_image" / "configs" / "debug.yaml")
+    settings = pipeline_settings(home, training__config=PROJECT_ROOT / "training_image" / "configs" / "debug.yaml")
     datagen.generate(settings.resolved_data_root, days=30, start="2026-01-01", rows_per_day=800, seed=1)
     snapshot = pipeline.build_dataset(settings)
     return settings, snapshot, pipeline.validate(settings, snapshot)

@@ -58,11 +58,11 @@ def s3_pipeline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pyt
     try:
         snapshot = pipeline.build_dataset(settings)
         validation = pipeline.validate(settings, snapshot)
-        training = pipeline.train(settings, snapshot, validation, "continuous_training", "manual__secrets",
+        training = pipeline.train(settings, snapshot, validation, settings.definition.dag_id, "manual__secrets",
                                   {"train.epochs": 2}, sink=output.append)
         evaluation = pipeline.evaluate(settings, training, snapshot)
         registration = pipeline.register(settings, training, snapshot, validation, "manual__secrets")
-        decision = pipeline.govern(settings, evaluation, min_test_roc_auc=0.0)
+        decision = pipeline.govern(settings, evaluation, primary_metric_floor=0.0)
         promotion = pipeline.promote(settings, registration, evaluation, decision, "manual__secrets")
         client = boto3.client("s3", endpoint_url=endpoint)
         objects = {

@@ -86,7 +86,7 @@ def test_dag_run_with_start_after_end_fails_on_the_first_try(tmp_path):
     datagen.generate(home / "data", days=20, start="2026-01-01", rows_per_day=50, seed=0)
     migrated = airflow_cli(["db", "migrate"], env)
     assert migrated.returncode == 0, migrated.stderr[-3000:]
-    run = airflow_cli(["dags", "test", "continuous_training", "-c",
+    run = airflow_cli(["dags", "test", "continuous_training__fraud", "-c",
                        '{"start": "2026-01-15", "end": "2026-01-05"}'], env, timeout=600)
     log = run.stdout + run.stderr
     (tmp_path / "dags-test.log").write_text(log)

@@ -64,7 +64,7 @@ def test_up_listens_on_loopback_with_login_and_down_stops_it(tmp_path):
         status, body = request("POST", f"{url}/auth/token", {"username": "admin", "password": passwords["admin"]})
         assert status == 201, body
         status, body = request("GET", f"{url}/api/v2/dags", token=json.loads(body)["access_token"])
-        assert status == 200 and "continuous_training" in body
+        assert status == 200 and "continuous_training__fraud" in body
         assert request("GET", f"http://127.0.0.1:{mlflow_port}/health")[0] == 200
 
         ours = _group_pids(home)
