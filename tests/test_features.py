@@ -326,3 +326,80 @@ def test_online_read_matches_the_offline_value(dp_generated):
     assert later["customer_stats"][-1] == [end.isoformat(), "2026-01-07T00:00:00+00:00"]
     assert len(later["customer_stats"]) == len(intervals["customer_stats"]) + 1
     assert json.dumps(later)  # plain data, fit for XCom
+
+
+# ----------------------------------------------------------------------------- any pipeline: the delivery-ETA example
+
+ETA_FEATURES = ["distance_km", "courier_avg_minutes_14d", "courier_deliveries_7d", "courier_tenure_days",
+                "zone_congestion_index", "zone_avg_minutes_7d"]
+
+
+def test_generic_modules_name_no_example_column():
+    """The data plane reads every column name from the definition: none of the fraud example's is in it."""
+    import inspect
+
+    from ctrain import validation
+
+    for module in (features, validation):
+        source = inspect.getsource(module).lower()
+        named = [w for w in ("transaction_id", "customer_id", "merchant_id", "amount", "fraud") if w in source]
+        assert not named, f"{module.__name__} names {named}"
+
+
+def test_a_regression_pipeline_snapshot_follows_its_definition(dp_eta_snapshot):
+    settings, info = dp_eta_snapshot
+    m, events = info.manifest, settings.definition.events
+    assert CONTRACT_KEYS <= m.keys() and m["pipeline"] == "delivery_eta" and m["task"] == "regression"
+    assert (m["id_column"], m["timestamp_column"], m["label_column"]) == ("delivery_id", "ordered_at", "minutes")
+    assert m["entity_columns"] == ["courier_id", "zone_id"] == events.entity_columns
+    assert m["feature_columns"] == ETA_FEATURES and m["feature_service"] == "delivery_eta_v1"
+    assert m["schema"]["minutes"] == "double" and m["schema"]["delivery_id"] == "int64"
+    assert m["schema"]["ordered_at"] == "timestamp[us, tz=UTC]"
+    assert m["label_rate"] is None and all(s["label_rate"] is None for s in m["splits"].values())
+    assert [m["splits"][s]["rows"] for s in ("train", "val", "test")] == [6 * 400, 7 * 400, 7 * 400]
+    assert m["missing_features"] == {"handling": "fail", "rows": 0}
+    tables = {p["table"] for p in m["source_partitions"]["partitions"]}
+    assert tables == {"deliveries", *settings.definition.feature_tables}
+    df = _all_rows(info.uri)
+    assert df["minutes"].dtype == np.float64 and df[ETA_FEATURES].notna().all().all()
+    # Point in time: each delivery sees its zone's row of its own day (stamped 00:00 UTC).
+    zones = pd.concat(pq.read_table(p).to_pandas() for p in
+                      sorted(settings.resolved_data_root.glob("features/zone_stats/*/*.parquet")))
+    expected = df.assign(day=df["ordered_at"].dt.floor("D"))[["zone_id", "day"]].merge(
+        zones.rename(columns={"event_timestamp": "day"}), on=["zone_id", "day"], how="left")
+    np.testing.assert_array_equal(df["zone_avg_minutes_7d"], expected["zone_avg_minutes_7d"])
+
+
+def _eta_part(settings, day="2026-01-10") -> Path:
+    return settings.resolved_data_root / "deliveries" / f"date={day}" / "part-0.parquet"
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda t: t.drop_columns(["minutes"]), "missing column 'minutes'"),
+        (lambda t: t.set_column(2, "zone_id", t.column("zone_id").cast(pa.string())),
+         "column 'zone_id' has type string, expected integer"),
+        (lambda t: t.set_column(5, "minutes", t.column("minutes").cast(pa.int64(), safe=False)),
+         "column 'minutes' has type int64, expected floating"),
+        (lambda t: t.set_column(5, "minutes", pa.array([float("nan")] + [1.0] * (t.num_rows - 1))),
+         "column 'minutes' \\(the target\\) has 1 NaN"),
+        (lambda t: t.set_column(5, "minutes", pa.array([None] + [1.0] * (t.num_rows - 1), pa.float64())),
+         "column 'minutes' has 1 null"),
+    ],
+    ids=["absent-target", "string-key", "integer-target", "nan-target", "null-target"],
+)
+def test_a_broken_delivery_partition_is_refused_naming_file_and_column(dp_eta_copy, corrupt, message):
+    path = _eta_part(dp_eta_copy)
+    _rewrite(path, corrupt)
+    with pytest.raises(DataError, match=message) as err:
+        features.build_snapshot(dp_eta_copy)
+    assert str(err.value).startswith(f"{path}:")
+    _assert_nothing_written(dp_eta_copy)
+
+
+def test_the_events_table_comes_from_the_definition(dp_eta_copy):
+    with pytest.raises(DataError, match="no deliveries partitions between"):
+        features.check_window(dp_eta_copy, start="2027-01-01")
+    assert features.list_partitions(dp_eta_copy.resolved_data_root, "deliveries")[-1].isoformat() == "2026-01-20"
+    assert features.list_partitions(dp_eta_copy.resolved_data_root, "transactions") == []
