@@ -66,14 +66,15 @@ def _partition_summary(manifest: dict[str, Any]) -> str:
 
 
 def validate(settings: Settings, snapshot: dict[str, Any]) -> dict[str, Any]:
-    """Great Expectations gate; raises ``ValidationFailed`` (listing the failed expectations) on bad data."""
-    from ctrain.validation import validate_snapshot
+    """Great Expectations gate with the definition's thresholds; raises ``ValidationFailed`` (listing the failed expectations) on bad data."""
+    from ctrain.validation import suite_config, validate_snapshot
 
     report_root = f"{settings.resolved_object_root}/reports"
     reference = champion_snapshot_uri(settings)
     if reference:
         log.info("drift reference: the champion's training snapshot %s", reference)
-    report = validate_snapshot(snapshot["uri"], report_root, reference_uri=reference)
+    report = validate_snapshot(snapshot["uri"], report_root, suite_config(settings.definition),
+                               reference_uri=reference)
     log.info("validation report: %s ; data docs: %s", report.report_uri, report.docs_uri)
     report.raise_for_failure()
     return {"success": report.success, "result_id": report.result_id, "report_uri": report.report_uri,
