@@ -1,0 +1,28 @@
+"""The demo runs any pipeline: its generator comes from the definition, imported only from the examples."""
+
+from __future__ import annotations
+
+import pytest
+
+from ctrain import demo
+from ctrain.errors import ConfigError
+from support import pipeline_settings
+
+
+def test_generator_comes_from_the_definition(tmp_path):
+    from ctrain_examples import delivery_eta
+
+    settings = pipeline_settings(tmp_path, "delivery_eta")
+    assert demo.example_generator(settings.definition) is delivery_eta.generate
+
+
+@pytest.mark.parametrize("datagen", ["os:system", "ctrain_examples_evil.x:generate"])
+def test_generator_outside_the_examples_is_refused(tmp_path, datagen):
+    settings = pipeline_settings(tmp_path, "delivery_eta", example__datagen=datagen)
+    with pytest.raises(ConfigError, match="imports generators only from"):
+        demo.example_generator(settings.definition)
+
+
+def test_summary_without_a_champion_names_the_model(tmp_path):
+    settings = pipeline_settings(tmp_path, "delivery_eta")
+    assert "no delivery_eta@champion" in demo.summary(settings)
