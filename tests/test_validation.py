@@ -178,3 +178,84 @@ def test_freshness_of_the_newest_event(dp_snapshot):
     report = validation.validate_snapshot(info.uri, root, stale)
     assert [f.split("(")[0] for f in report.failed] == ["[snapshot] expect_column_max_to_be_between"]
     assert "column=event_timestamp" in report.failed[0] and "2026-01-09" in report.failed[0]
+
+
+# ----------------------------------------------------------------------------- any pipeline: the delivery-ETA example
+
+
+def test_a_regression_snapshot_passes_its_definitions_gate(dp_eta_snapshot):
+    settings, info = dp_eta_snapshot
+    cfg = validation.suite_config(settings.definition)
+    assert (cfg.task, cfg.target_range, cfg.label_rate, cfg.min_rows) == ("regression", (1.0, 300.0), None, 2000)
+    report = validation.validate_snapshot(info.uri, f"{settings.resolved_object_root}/reports", cfg)
+    assert report.success, report.failed
+    body = json.loads(_local(report.report_uri).read_text())
+    checks = {(r["expectation_config"]["type"], r["expectation_config"]["kwargs"].get("column"),
+               str(r["expectation_config"]["kwargs"].get("type_")))
+              for r in body["results"]["snapshot"]["results"]}
+    assert ("expect_column_values_to_be_of_type", "minutes", "float64") in checks
+    assert ("expect_column_values_to_be_between", "minutes", "None") in checks  # the target range
+    assert ("expect_column_values_to_be_between", "zone_congestion_index", "None") in checks
+    assert not any(c[0] == "expect_column_values_to_be_in_set" for c in checks)
+    assert all(len(body["results"][s]["results"]) == 1 for s in ("train", "val", "test"))  # rows only
+    # Without a config the gate uses the thresholds of the pipeline named in the manifest.
+    default = validation.validate_snapshot(info.uri, f"{settings.resolved_object_root}/reports")
+    assert default.success and json.loads(_local(default.report_uri).read_text())["suite_config"]["min_rows"] == 2000
+
+
+def test_a_target_outside_its_range_fails_the_gate_naming_the_column(dp_eta_copy):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = dp_eta_copy.resolved_data_root / "deliveries" / "date=2026-01-18" / "part-0.parquet"
+    t = pq.read_table(path)
+    pq.write_table(t.set_column(5, "minutes", pc.negate(t.column("minutes"))), path)  # a sign bug upstream
+    features.apply_feature_repo(dp_eta_copy)
+    info = features.build_snapshot(dp_eta_copy)
+    report = validation.validate_snapshot(info.uri, f"{dp_eta_copy.resolved_object_root}/reports",
+                                          validation.suite_config(dp_eta_copy.definition))
+    assert not report.success
+    assert [f.split("(")[0] for f in report.failed] == ["[snapshot] expect_column_values_to_be_between"]
+    assert "column=minutes, min_value=1.0, max_value=300.0" in report.failed[0]
+    assert "400 of 8000 rows unexpected" in report.failed[0]
+    assert pa.types.is_floating(pq.read_schema(path).field("minutes").type)
+
+
+def test_regression_drift_bins_the_target_like_a_feature(dp_eta_snapshot, tmp_path):
+    """The newest split's target vs the reference's: quantile bins, like a feature; a slowdown is caught."""
+    settings, info = dp_eta_snapshot
+    cfg = validation.suite_config(settings.definition)
+    manifest, frame = validation.read_snapshot_frame(info.uri)
+    reference = frame.iloc[:manifest["splits"]["train"]["rows"]]
+    (label_exp,) = [e for e in validation.drift_expectations(manifest, reference, cfg) if e.column == "minutes"]
+    assert len(label_exp.partition_object["bins"]) == cfg.drift_bins + 1 and label_exp.threshold == cfg.max_label_kl
+
+    def drift_failures(snapshot, docs):
+        _, failed, _ = validation.run_suites(manifest, snapshot, cfg, str(tmp_path / docs), reference)
+        return [f for f in failed if f.startswith("[newest]")]
+
+    assert drift_failures(frame, "clean") == []
+    slower = frame.copy()
+    newest = slower.index >= len(slower) - manifest["splits"]["test"]["rows"]
+    slower.loc[newest, "minutes"] *= 1.3  # every recent delivery 30 % slower, the features unchanged
+    assert [f.split(",")[0] for f in drift_failures(slower, "slower")] == [
+        "[newest] expect_column_kl_divergence_to_be_less_than(column=minutes"]
+
+
+def test_multiclass_labels_are_checked_as_classes():
+    import pandas as pd
+
+    cfg = validation.SuiteConfig(task="multiclass", num_classes=4)
+    manifest = {"feature_columns": ["x"], "id_column": "id", "label_column": "y", "timestamp_column": "t",
+                "entity_columns": ["k"]}
+    exps = validation.snapshot_expectations(manifest, cfg)
+    (in_set,) = [e for e in exps if type(e).__name__ == "ExpectColumnValuesToBeInSet"]
+    assert in_set.column == "y" and in_set.value_set == [0, 1, 2, 3]
+    assert [type(e).__name__ for e in validation.split_expectations(manifest, cfg)] == [
+        "ExpectTableRowCountToBeBetween"]
+    reference = pd.DataFrame({"x": [0.0, 1.0, 2.0, 3.0] * 5, "y": [0, 0, 1, 2] * 5})  # class 3 never seen
+    (label,) = [e for e in validation.drift_expectations(manifest, reference, cfg) if e.column == "y"]
+    assert label.partition_object["values"] == [0, 1, 2, 3]
+    weights = label.partition_object["weights"]
+    assert sum(weights) == pytest.approx(1.0) and weights[0] == pytest.approx(0.5, abs=1e-3) and weights[3] > 0
