@@ -217,7 +217,7 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
     from ctrain.evaluation import input_names, load_model, score_model
     from ctrain.features import read_manifest
 
-    challenger = score_model(load_model(training["model_uri"]), snapshot["uri"])
+    challenger = score_model(load_model(training["model_uri"], settings.resolved_tracking_uri), snapshot["uri"])
     logged = training["metrics"]["test_roc_auc"]
     if abs(challenger["test_roc_auc"] - logged) > 1e-4:
         raise CtrainError(
@@ -230,7 +230,7 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
     if champion_version is not None:
         champion_uri = f"models:/{settings.model_name}/{champion_version}"
         features = read_manifest(snapshot["uri"])["feature_columns"]
-        champion_model = load_model(champion_uri)
+        champion_model = load_model(champion_uri, settings.resolved_tracking_uri)
         if input_names(champion_model) == features:
             champion = score_model(champion_model, snapshot["uri"])
         else:
