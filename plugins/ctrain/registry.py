@@ -40,8 +40,14 @@ class TrainingRun:
 
 
 def get_client(settings: Settings) -> MlflowClient:
+    """A client on the settings' MLflow, which also becomes this process's global MLflow: some MLflow 3
+    calls (registering a logged model, resolving ``runs:/`` models) look things up through the global
+    client whatever client they were called on."""
+    import mlflow
     from mlflow import MlflowClient
 
+    mlflow.set_tracking_uri(settings.resolved_tracking_uri)
+    mlflow.set_registry_uri(settings.resolved_tracking_uri)
     return MlflowClient(tracking_uri=settings.resolved_tracking_uri, registry_uri=settings.resolved_tracking_uri)
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -34,8 +35,6 @@ from trainer.model import mlp
 from trainer.storage import filesystem
 
 if TYPE_CHECKING:
-    import subprocess
-
     from mlflow.entities import Run
     from torch import nn
 
@@ -153,6 +152,31 @@ def test_lease_refuses_a_live_holder_and_hands_over_released_expired_and_lost_on
         c.check()
     c.release()
     assert stored_lease(uri)["owner"] == "job-x"  # left alone
+
+
+def test_a_live_lease_whose_process_on_this_host_is_gone_is_taken_over(tmp_path: Path) -> None:
+    # A trainer killed with its whole tree (storage down, Airflow killing the task) cannot release its
+    # lease; on the same host and pid namespace its death is provable, so the retry need not wait.
+    import socket
+
+    (tmp_path / "checkpoints").mkdir()
+    uri = f"file://{tmp_path / 'checkpoints'}"
+    namespace = os.readlink("/proc/self/ns/pid")
+    with subprocess.Popen(["sleep", "60"]) as alive:
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        here = {"lease_id": "x", "expires_at": time.time() + 60, "config_hash": "h1", "host": socket.gethostname()}
+        store_lease(uri, owner="job-alive", pid=alive.pid, pid_namespace=namespace, **here)
+        with pytest.raises(LeaseHeld, match="leased by job-alive"):
+            Lease.acquire(uri, CTX, config_hash="h1", owner="job-b")
+        store_lease(uri, owner="job-elsewhere", pid=dead.pid, pid_namespace="pid:[1]", **here)
+        with pytest.raises(LeaseHeld, match="leased by job-elsewhere"):  # another container's pid
+            Lease.acquire(uri, CTX, config_hash="h1", owner="job-b")
+        store_lease(uri, owner="job-dead", pid=dead.pid, pid_namespace=namespace, **here)
+        taken = Lease.acquire(uri, CTX, config_hash="h1", owner="job-b")
+        assert stored_lease(uri)["owner"] == "job-b"
+        taken.release()
+        alive.kill()
 
 
 @pytest.mark.parametrize("where", ["file", "s3"])

@@ -182,7 +182,12 @@ class Lease:
         for _ in range(_ATTEMPTS):
             with self._lock, self._store.exclusive():
                 current, token = self._store.read()
-                if current is not None and _live(current) and current.get("owner") != self.owner:
+                if (
+                    current is not None
+                    and _live(current)
+                    and current.get("owner") != self.owner
+                    and not _holder_dead_here(current)
+                ):
                     raise LeaseHeld(self._held_message(current))
                 same_config = current is not None and current.get("config_hash") == self.config_hash
                 now = time.time()
@@ -191,6 +196,7 @@ class Lease:
                     "lease_id": uuid.uuid4().hex,
                     "host": socket.gethostname(),
                     "pid": os.getpid(),
+                    "pid_namespace": _pid_namespace(),
                     "acquired_at": now,
                     "expires_at": now + self.ttl_s,
                     "ttl_s": self.ttl_s,
@@ -222,6 +228,8 @@ class Lease:
             log.info("took back this job's lease %s (a torchrun restart)", self.file_uri)
         elif previous.get("released"):
             log.info("took the lease %s released by %s", self.file_uri, holder)
+        elif _live(previous):
+            log.warning("taking over the lease of %s on %s: its process on this host is gone", holder, self.uri)
         else:
             log.warning(
                 "taking over the expired lease of %s on %s (expired %s)",
@@ -347,6 +355,30 @@ class _LeaseStore:
             self.fs.rm_file(self.path)
         except FileNotFoundError:
             pass
+
+
+def _pid_namespace() -> str | None:
+    """This process's pid namespace (``pid:[4026531836]``): pids are comparable only within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _holder_dead_here(record: dict[str, Any]) -> bool:
+    """The holder ran on this host in this pid namespace, and its process is gone: the lease is stale
+    however long it has left (a killed trainer cannot release it), so it can be taken over now.
+    Containers share a host name, so the namespace is what makes the pid comparable."""
+    namespace = _pid_namespace()
+    if namespace is None or record.get("pid_namespace") != namespace or record.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(record["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (KeyError, TypeError, ValueError, PermissionError, OSError):
+        return False
+    return False
 
 
 def _live(record: dict[str, Any]) -> bool:
