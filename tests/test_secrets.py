@@ -126,4 +126,7 @@ def test_trainer_refuses_a_uri_with_a_token_without_echoing_it(tmp_path: Path) -
     assert proc.returncode == 65
     assert "data.dataset_uri: the URI embeds a password" in proc.stderr
     assert secret not in proc.stdout + proc.stderr
-    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+    # Nothing ran: the only file is the failure record the launcher reads the exit code from.
+    assert not (tmp_path / "mlflow.db").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["failure.json"]
+    assert leaks([("failure.json", (tmp_path / "out" / "failure.json").read_bytes())]) == []
