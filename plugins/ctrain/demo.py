@@ -111,7 +111,9 @@ def summary(settings: Settings) -> str:
 
 def _metric_line(definition: PipelineDefinition, metrics: Mapping[str, float]) -> str:
     """'<primary>=0.1234 (primary, lower is better) <report>=... loss=...': the definition's metrics, primary first."""
-    values = [f"{name.removeprefix('test_')}={metrics.get(name, float('nan')):.4f}" for name in definition.test_metrics]
+    # The trainer logs some test metrics itself; evaluate logs every one of the definition as eval_<name>.
+    values = [f"{name.removeprefix('test_')}={metrics.get(name, metrics.get(f'eval_{name}', float('nan'))):.4f}"
+              for name in definition.test_metrics]
     values[0] += f" (primary, {definition.metrics.direction} is better)"
     return " ".join([*values, f"loss={metrics.get('test_loss', float('nan')):.4f}"])
 
