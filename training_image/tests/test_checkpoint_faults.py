@@ -158,6 +158,7 @@ def test_fault1_sigkill_mid_epoch_resumes_exactly_with_one_pass_per_epoch(
     records.mkdir()
     proc = trainer_run(
         "model.factory=test_checkpoint_faults:recording_mlp",
+        "model.kwargs={hidden_sizes: [16], dropout: 0.1}",  # debug.yaml's, so the reference's weights
         "faults.kill_at_step=17",  # rank 1 dies before step 17, mid epoch 2; the last checkpoint is 15
         "faults.kill_rank=1",
         "checkpoint.every_steps=5",

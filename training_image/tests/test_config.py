@@ -130,3 +130,15 @@ def test_readme_config_table_is_the_generated_one() -> None:
             {"data": {"dataset_uri": "x"}, "checkpoint": {"uri": "x"}, "output": {"uri": "x"}}
         ).flat()
     )
+
+
+def test_a_new_factory_does_not_get_the_files_kwargs_for_the_old_one() -> None:
+    default = CONFIGS / "default.yaml"
+    where = ["data.dataset_uri=file:///d", "checkpoint.uri=file:///c", "output.uri=file:///o"]
+    assert load_config(default, where).model.kwargs == {"hidden_sizes": [64, 32], "dropout": 0.1}
+    swapped = load_config(default, [*where, "model.factory=my_pkg.models:build"])
+    assert swapped.model.factory == "my_pkg.models:build" and swapped.model.kwargs == {}
+    with_own = load_config(default, [*where, "model.factory=my_pkg.models:build", "model.kwargs.width=8"])
+    assert with_own.model.kwargs == {"width": 8}
+    same = load_config(default, [*where, "model.factory=trainer.model:mlp"])
+    assert same.model.kwargs == {"hidden_sizes": [64, 32], "dropout": 0.1}

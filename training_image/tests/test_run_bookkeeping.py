@@ -312,6 +312,7 @@ def test_kill_in_export_leaves_one_ready_model_and_resumed_metrics_are_exact(
     # MLflow's log_model. Attempt 2 resumes from the final checkpoint and exports again.
     proc = trainer_run(
         "model.factory=test_run_bookkeeping:export_killing_mlp",
+        "model.kwargs={hidden_sizes: [16], dropout: 0.1}",  # debug.yaml's, so the reference's weights
         "checkpoint.every_steps=3",
         "faults.kill_at_step=8",
         "faults.kill_rank=1",

@@ -378,12 +378,26 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: top level must be a mapping of sections")
         tree = loaded or {}
+    _drop_kwargs_of_a_replaced_factory(tree, overrides or [])
     for assignment in overrides or []:
         apply_override(tree, assignment)
     try:
         return TrainerConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source=str(path or "--set"))) from None
+
+
+def _drop_kwargs_of_a_replaced_factory(tree: dict[str, Any], overrides: list[str]) -> None:
+    """The file's ``model.kwargs`` belong to the file's ``model.factory``: when an override names another
+    factory, the new one gets only the kwargs the overrides give it (not the old one's hidden sizes)."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or "kwargs" not in model:
+        return
+    for assignment in overrides:
+        key, _, value = assignment.partition("=")
+        if key.strip() == "model.factory" and value.strip() != str(model.get("factory")):
+            model["kwargs"] = {}
+            return
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
