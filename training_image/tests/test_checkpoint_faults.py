@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
     from trainer.model import ModelSpec
 
+# Every test here is a 2-process torchrun run (tens of seconds each): the slow tier, skipped by make test-fast.
+pytestmark = pytest.mark.slow
+
 TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 10  # debug.yaml: batch 64 over 640 train rows
 CTX = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

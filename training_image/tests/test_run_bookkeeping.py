@@ -201,6 +201,7 @@ def test_of_eight_trainers_taking_a_lease_at_once_exactly_one_gets_it(
     winner.release()
 
 
+@pytest.mark.slow  # 2-process torchrun runs
 # ---- one MLflow run, prompt restart --------------------------------------------------------------
 @pytest.mark.parametrize("rank", [0, 1])
 def test_worker_death_before_the_first_checkpoint_keeps_one_mlflow_run(
@@ -222,6 +223,7 @@ def test_worker_death_before_the_first_checkpoint_keeps_one_mlflow_run(
     assert not (trainer_run.checkpoint_dir() / "lease.json").exists()  # given up at the end
 
 
+@pytest.mark.slow  # 2-process torchrun runs
 # ---- refused rerun -----------------------------------------------------------------------------
 def test_rerun_refused_at_resume_leaves_the_finished_run_alone(
     finished: TrainerRun, tmp_path: Path, snapshot_uri: str
@@ -248,6 +250,7 @@ def test_rerun_refused_at_resume_leaves_the_finished_run_alone(
     assert not (run.checkpoint_dir() / "lease.json").exists()
 
 
+@pytest.mark.slow  # 2-process torchrun runs
 # ---- lease -------------------------------------------------------------------------------------
 def test_a_live_lease_of_another_trainer_stops_the_run_with_exit_75(trainer_run: TrainerRun) -> None:
     lease = write_lease(trainer_run)
@@ -268,6 +271,7 @@ def test_a_live_lease_of_another_trainer_stops_the_run_with_exit_75(trainer_run:
     assert all_runs(trainer_run) == []
 
 
+@pytest.mark.slow  # 2-process torchrun runs
 def test_an_expired_lease_is_taken_over_and_the_run_finishes(trainer_run: TrainerRun) -> None:
     # A dead trainer's lease, from another config: taken over, and its MLflow run id is not reused.
     write_lease(trainer_run, expires_at=time.time() - 1, mlflow_run_id="0123456789abcdef0123456789abcdef")
@@ -280,6 +284,7 @@ def test_an_expired_lease_is_taken_over_and_the_run_finishes(trainer_run: Traine
     assert not (trainer_run.checkpoint_dir() / "lease.json").exists()
 
 
+@pytest.mark.slow  # 2-process torchrun runs
 def test_two_trainers_started_together_one_trains_and_the_other_exits_75(trainer_run: TrainerRun) -> None:
     procs: list[subprocess.CompletedProcess[str]] = []
     # Slowed down so that the winner still holds the lease when the other one looks.
@@ -303,6 +308,7 @@ def test_two_trainers_started_together_one_trains_and_the_other_exits_75(trainer
     assert epoch_points(trainer_run, "val_loss") == [1, 2, 3]
 
 
+@pytest.mark.slow  # 2-process torchrun runs
 # ---- kill during export; exact metrics after resume ---------------------------------------------
 def test_kill_in_export_leaves_one_ready_model_and_resumed_metrics_are_exact(
     finished: TrainerRun, trainer_run: TrainerRun
