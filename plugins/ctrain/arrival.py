@@ -11,7 +11,7 @@ import json
 from datetime import date
 from typing import TYPE_CHECKING
 
-from ctrain.features import open_fs, write_bytes
+from ctrain.features import list_partitions, open_fs, write_bytes
 
 if TYPE_CHECKING:
     from ctrain.settings import Settings
@@ -31,12 +31,8 @@ def last_announced(settings: Settings) -> date | None:
 
 
 def landed_partitions(settings: Settings) -> list[date]:
-    """Dates with a partition (a ``date=`` folder holding a parquet file) of the events table, sorted."""
-    base = settings.resolved_data_root / settings.definition.events.table
-    if not base.is_dir():
-        return []
-    return sorted(date.fromisoformat(p.name.removeprefix("date="))
-                  for p in base.glob("date=*") if p.is_dir() and any(p.glob("*.parquet")))
+    """Dates with a partition of the events table, sorted (the layout is :func:`ctrain.features.list_partitions`'s)."""
+    return list_partitions(settings.resolved_data_root, settings.definition.events.table)
 
 
 def unannounced_partitions(settings: Settings) -> list[date]:

@@ -97,8 +97,7 @@ def _record_config_failure(config: str | None, overrides: list[str], exc: Traine
             output_uri = None
     if not isinstance(output_uri, str) or not output_uri or urlsplit(output_uri).password is not None:
         return  # nowhere to write, or a URI the config check refused for holding a secret
-    record = {"status": "failed", "exit_code": exc.exit_code, "error": f"{type(exc).__name__}: {exc}",
-              "retryable": exc.exit_code == EXIT_RETRYABLE, "mlflow_run_id": None}
+    record = _failure_record(exc, exc.exit_code, run_id=None)
     try:
         write_result(output_uri, record, FAILURE_FILE)
     except Exception:
@@ -221,15 +220,7 @@ def _record_failure(cfg: TrainerConfig, trainer: Trainer | None, exc: BaseExcept
             trainer.tracker.finish("KILLED" if code == EXIT_RETRYABLE else "FAILED")
         except Exception:
             log.exception("could not close MLflow run %s", run_id)
-    record = {
-        "status": "failed",
-        "exit_code": code,
-        "error": f"{type(exc).__name__}: {exc}",
-        "retryable": code == EXIT_RETRYABLE,
-        "mlflow_run_id": run_id,
-        "config_hash": cfg.config_hash(),
-        "seed": cfg.seed,
-    }
+    record = {**_failure_record(exc, code, run_id), "config_hash": cfg.config_hash(), "seed": cfg.seed}
     try:
         uri = write_result(cfg.output.uri, record, FAILURE_FILE)
         previous = read_result(cfg.output.uri)
@@ -246,6 +237,17 @@ def _record_failure(cfg: TrainerConfig, trainer: Trainer | None, exc: BaseExcept
             write_result(cfg.output.uri, record)
     except Exception:
         log.exception("could not write the failure record under %s", cfg.output.uri)
+
+
+def _failure_record(exc: BaseException, code: int, run_id: str | None) -> dict[str, Any]:
+    """The failure record of failure.json (and result.json): what the launcher reads the exit code from."""
+    return {
+        "status": "failed",
+        "exit_code": code,
+        "error": f"{type(exc).__name__}: {exc}",
+        "retryable": code == EXIT_RETRYABLE,
+        "mlflow_run_id": run_id,
+    }
 
 
 class _Terminated(RetryableError):
