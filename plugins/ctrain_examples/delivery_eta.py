@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -38,8 +36,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from ctrain.errors import ConfigError, DataError
+from ctrain.features import write_bytes
 
 DELIVERIES = "deliveries"
 COURIER_STATS = "features/courier_stats"
@@ -194,19 +194,6 @@ def _parquet_bytes(table: str, cols: dict[str, np.ndarray]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file + rename, so a reader never sees a half-written partition."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_day(out: Path, w: _World, d: date, overwrite: bool) -> list[Path]:
     """Land one day's three partitions. Same bytes there = no-op; other bytes = DataError (or overwrite)."""
     day = _day_number(d)
@@ -220,7 +207,7 @@ def _write_day(out: Path, w: _World, d: date, overwrite: bool) -> list[Path]:
         raise DataError(f"partition(s) {', '.join(clash)} already exist with other content; a landed "
                         "partition is immutable (pass overwrite=True, CLI --overwrite, to replace it)")
     for path, data in todo.items():
-        _atomic_write(path, data)
+        write_bytes(LocalFileSystem(), str(path), data)  # temp file + rename: never half a partition
     return list(todo)
 
 
