@@ -3,12 +3,16 @@ a trainer that dies early leaves no MLflow run RUNNING; overrides beyond the ope
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ctrain import datagen, lineage, pipeline, registry
 from ctrain.errors import ConfigError, TrainingFailed
 from ctrain.settings import PROJECT_ROOT
 from support import pipeline_settings
+
+TOY_MODELS_DIR = PROJECT_ROOT / "training_image" / "tests"  # toy_models: test model factories
 
 
 @pytest.fixture(scope="module")
@@ -20,13 +24,18 @@ def validated(tmp_path_factory):
     return settings, snapshot, pipeline.validate(settings, snapshot)
 
 
-def test_nan_loss_is_terminal_with_the_trainers_exit_code(validated):
+def test_nan_loss_is_terminal_with_the_trainers_exit_code(validated, monkeypatch):
     settings, snapshot, validation = validated
+    # A user model whose loss turns NaN at step 3 (a test factory), allowed by the operator's setting.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TOY_MODELS_DIR), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("CTRAIN_MODEL_FACTORY_PREFIXES", "trainer.model,toy_models")  # for any re-read
+    settings = settings.model_copy(update={"model_factory_prefixes": ("trainer.model", "toy_models")})
     lines: list[str] = []
     with pytest.raises(TrainingFailed) as info:
         pipeline.train(settings, snapshot, validation, dag_id="t", dag_run_id="r1",
                        # typed values as the UI's Param gives them: None must reach the trainer as null
-                       overrides={"faults.nonfinite_loss_step": 3, "train.grad_clip_norm": None},
+                       overrides={"model.factory": "toy_models:nan_at_step", "model.kwargs": {"step": 3},
+                                  "train.grad_clip_norm": None},
                        sink=lines.append)
     assert info.value.exit_code == 70, "torchrun's exit 1 must be mapped back to the trainer's 70"
     assert info.value.retryable is False

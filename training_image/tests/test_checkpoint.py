@@ -468,3 +468,73 @@ def test_s3_outage_during_save_is_retryable_and_never_becomes_latest(s3: S3Endpo
         mgr.save(20, model, optimizer, {"loop": {}}, best_step=None)
     s3.start()  # back, with its state: a rerun resumes from the last committed step
     assert manager(uri).latest() == 10
+
+
+# ---- portability across CPython 3.11 patch releases ----------------------------------------------
+def _getattr_pickle(module: str, qualname: str, name: str) -> bytes:
+    """The opcode stream early CPython 3.11 releases write for an Enum member: getattr(Class, 'NAME')."""
+    text = name.encode()
+    return (
+        b"\x80\x02"  # PROTO 2
+        + b"cbuiltins\ngetattr\n"  # GLOBAL builtins.getattr
+        + f"c{module}\n{qualname}\n".encode()  # GLOBAL the class
+        + b"X" + len(text).to_bytes(4, "little") + text  # BINUNICODE the member name
+        + b"\x86R."  # TUPLE2, REDUCE, STOP
+    )
+
+
+def test_an_enum_member_pickled_through_getattr_loads_to_that_member() -> None:
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from trainer.checkpoint import _MetadataUnpickler
+
+    blob = _getattr_pickle("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING", "TORCH_CHANNELS_LAST")
+    assert "builtins getattr" in _disassembly(blob)
+    assert _MetadataUnpickler(io.BytesIO(blob)).load() is _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST
+
+
+def test_a_whole_metadata_written_the_early_3_11_way_parses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from trainer.checkpoint import _parse_metadata
+
+    save_steps(manager(f"file://{tmp_path}"), [1])
+    genuine = _parse_metadata((tmp_path / "step-00000001" / ".metadata").read_bytes())
+    monkeypatch.setattr(
+        _MEM_FORMAT_ENCODING, "__reduce_ex__", lambda self, protocol: (getattr, (type(self), self.name))
+    )
+    blob = pickle.dumps(genuine)
+    assert "'getattr'" in _disassembly(blob)  # protocol 4: STACK_GLOBAL of 'builtins', 'getattr'
+    monkeypatch.undo()
+    parsed = _parse_metadata(blob)
+    assert parsed.state_dict_metadata.keys() == genuine.state_dict_metadata.keys()
+    properties = {fqn: entry.properties for fqn, entry in parsed.state_dict_metadata.items()}
+    assert properties == {fqn: entry.properties for fqn, entry in genuine.state_dict_metadata.items()}
+
+
+@pytest.mark.parametrize(
+    ("module", "qualname", "name"),
+    [
+        ("torch", "Size", "__class__"),  # allow-listed, but not an Enum
+        ("torch.distributed.checkpoint.metadata", "MetadataIndex", "__init__"),  # allow-listed, not an Enum
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING", "__class__"),  # not a member name
+        ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING", "_member_map_"),
+        ("signal", "Signals", "SIGKILL"),  # an Enum, not allow-listed
+        ("os", "system", "__call__"),
+    ],
+)
+def test_getattr_on_anything_but_an_allowed_enum_member_is_refused(module: str, qualname: str, name: str) -> None:
+    from trainer.checkpoint import _MetadataUnpickler
+
+    with pytest.raises(pickle.UnpicklingError, match="not allowed"):
+        _MetadataUnpickler(io.BytesIO(_getattr_pickle(module, qualname, name))).load()
+
+
+def _disassembly(blob: bytes) -> str:
+    import pickletools
+
+    out = io.StringIO()
+    pickletools.dis(blob, out)
+    return out.getvalue()

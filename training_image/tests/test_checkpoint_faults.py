@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 # Every test here is a 2-process torchrun run (tens of seconds each): the slow tier, skipped by make test-fast.
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
 STEPS_PER_EPOCH = 10  # debug.yaml: batch 64 over 640 train rows
 CTX = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 RECORD_DIR = "CTRAIN_TEST_RECORD_DIR"
@@ -162,16 +161,13 @@ def test_fault1_sigkill_mid_epoch_resumes_exactly_with_one_pass_per_epoch(
     proc = trainer_run(
         "model.factory=test_checkpoint_faults:recording_mlp",
         "model.kwargs={hidden_sizes: [16], dropout: 0.1}",  # debug.yaml's, so the reference's weights
-        "faults.kill_at_step=17",  # rank 1 dies before step 17, mid epoch 2; the last checkpoint is 15
-        "faults.kill_rank=1",
         "checkpoint.every_steps=5",
-        "faults.step_delay_s=0.05",  # time for the async step-15 save to commit before the kill
         nproc=2,
         max_restarts=1,
-        env={
-            RECORD_DIR: str(records),
-            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        },
+        env={RECORD_DIR: str(records)},
+        # Rank 1 dies before step 17, mid epoch 2; the last checkpoint is 15. step_delay_s: time for
+        # the async step-15 save to commit before the kill.
+        faults={"kill_at_step": 17, "kill_rank": 1, "step_delay_s": 0.05},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fault injection: SIGKILL at step 17" in proc.stderr
@@ -200,19 +196,15 @@ def test_fault1_a_model_drawing_from_python_and_numpy_rng_resumes_exactly(
     tmp_path: Path, snapshot_uri: str
 ) -> None:
     overrides = ("model.factory=test_checkpoint_faults:noisy_mlp", "checkpoint.every_steps=5")
-    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     reference = TrainerRun(tmp_path / "reference", snapshot_uri)
-    proc = reference(*overrides, nproc=2, env=env)
+    proc = reference(*overrides, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = TrainerRun(tmp_path / "resumed", snapshot_uri)
     proc = resumed(
         *overrides,
-        "faults.kill_at_step=17",
-        "faults.kill_rank=1",
-        "faults.step_delay_s=0.05",
         nproc=2,
         max_restarts=1,
-        env=env,
+        faults={"kill_at_step": 17, "kill_rank": 1, "step_delay_s": 0.05},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "step-00000015" in proc.stderr
@@ -224,7 +216,7 @@ def test_fault2_kill_between_data_files_and_manifest_never_uses_that_step(
     finished: TrainerRun, trainer_run: TrainerRun
 ) -> None:
     proc = trainer_run(
-        "distributed.timeout_s=10", nproc=2, max_restarts=1, env={"CTRAIN_FAULT_KILL_BEFORE_MANIFEST": "20"}
+        "distributed.timeout_s=10", nproc=2, max_restarts=1, faults={"kill_before_manifest": 20}
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fault injection: SIGKILL before the manifest of step 20" in proc.stderr
@@ -250,7 +242,7 @@ def test_fault3_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
     finished: TrainerRun, trainer_run: TrainerRun, damage: str
 ) -> None:
     # A first attempt dies before step 25 (no restart): steps 10 and 20 are committed.
-    proc = trainer_run("faults.kill_at_step=25", "faults.kill_rank=1", "faults.step_delay_s=0.05", nproc=2)
+    proc = trainer_run(nproc=2, faults={"kill_at_step": 25, "kill_rank": 1, "step_delay_s": 0.05})
     assert proc.returncode != 0
     directory = trainer_run.checkpoint_dir()
     assert committed_steps(directory) == [10, 20]
@@ -289,7 +281,7 @@ def test_fault4_s3_endpoint_gone_during_save_is_retryable_and_a_rerun_resumes(
     # A slow run (0.15 s per step), so the endpoint can be taken away after step 10 is committed and
     # before the step-20 save.
     worker = threading.Thread(
-        target=lambda: outcome.update(proc=trainer_run("faults.step_delay_s=0.15", nproc=2))
+        target=lambda: outcome.update(proc=trainer_run(nproc=2, faults={"step_delay_s": 0.15}))
     )
     worker.start()
     deadline = time.monotonic() + 120
@@ -366,7 +358,7 @@ def test_fault5_full_destination_stops_with_a_clear_error_and_commits_nothing_pa
 def test_fault6_pickle_bearing_metadata_is_refused_and_the_run_starts_fresh(
     finished: TrainerRun, trainer_run: TrainerRun
 ) -> None:
-    proc = trainer_run("faults.kill_at_step=15", "faults.kill_rank=1", "faults.step_delay_s=0.05", nproc=2)
+    proc = trainer_run(nproc=2, faults={"kill_at_step": 15, "kill_rank": 1, "step_delay_s": 0.05})
     assert proc.returncode != 0
     directory = trainer_run.checkpoint_dir()
     assert committed_steps(directory) == [10]
@@ -386,7 +378,7 @@ def test_fault6_bytes_entry_in_metadata_is_refused_and_the_previous_checkpoint_i
     finished: TrainerRun, trainer_run: TrainerRun
 ) -> None:
     # A first attempt dies before step 25 (no restart): steps 10 and 20 are committed.
-    proc = trainer_run("faults.kill_at_step=25", "faults.kill_rank=1", "faults.step_delay_s=0.05", nproc=2)
+    proc = trainer_run(nproc=2, faults={"kill_at_step": 25, "kill_rank": 1, "step_delay_s": 0.05})
     assert proc.returncode != 0
     directory = trainer_run.checkpoint_dir()
     assert committed_steps(directory) == [10, 20]
@@ -404,7 +396,7 @@ def test_fault6_bytes_entry_in_metadata_is_refused_and_the_previous_checkpoint_i
 
 
 def test_fault6_pickle_bearing_tensor_file_is_refused_with_a_terminal_error(trainer_run: TrainerRun) -> None:
-    proc = trainer_run("faults.kill_at_step=15", "faults.kill_rank=1", "faults.step_delay_s=0.05", nproc=2)
+    proc = trainer_run(nproc=2, faults={"kill_at_step": 15, "kill_rank": 1, "step_delay_s": 0.05})
     assert proc.returncode != 0
     step_dir = trainer_run.checkpoint_dir() / "step-00000010"
     marker = trainer_run.tmp / "payload-ran"

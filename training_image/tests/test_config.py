@@ -142,3 +142,29 @@ def test_a_new_factory_does_not_get_the_files_kwargs_for_the_old_one() -> None:
     assert with_own.model.kwargs == {"width": 8}
     same = load_config(default, [*where, "model.factory=trainer.model:mlp"])
     assert same.model.kwargs == {"hidden_sizes": [64, 32], "dropout": 0.1}
+
+
+def test_the_production_config_has_no_fault_injection_section() -> None:
+    from trainer.config import overrides_schema
+
+    assert "faults" not in TrainerConfig.model_fields
+    assert not [key for key in overrides_schema()["properties"] if key.startswith("faults")]
+    assert "faults" not in json.dumps(overrides_schema())  # nor in the trigger form's unknown-key help
+    with pytest.raises(ConfigError, match=r"faults: unknown key; allowed keys here: "):
+        load_config(CONFIGS / "debug.yaml", [*REQUIRED, "faults.kill_at_step=3"])
+
+
+def test_ddp_options_are_described_config_fields_offered_as_overrides() -> None:
+    from trainer.config import overrides_schema
+
+    properties = overrides_schema()["properties"]
+    for key in ("find_unused_parameters", "static_graph", "gradient_as_bucket_view", "bucket_cap_mb"):
+        assert properties[f"distributed.{key}"]["description"].startswith("DDP: ")
+    cfg = load_config(
+        CONFIGS / "debug.yaml",
+        [*REQUIRED, "distributed.find_unused_parameters=true", "distributed.bucket_cap_mb=50"],
+    )
+    assert cfg.distributed.find_unused_parameters is True and cfg.distributed.bucket_cap_mb == 50
+    assert cfg.config_hash() == load_config(CONFIGS / "debug.yaml", REQUIRED).config_hash()
+    with pytest.raises(ConfigError, match="distributed.bucket_cap_mb: Input should be greater than 0"):
+        load_config(CONFIGS / "debug.yaml", [*REQUIRED, "distributed.bucket_cap_mb=0"])

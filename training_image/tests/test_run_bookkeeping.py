@@ -49,13 +49,17 @@ FORCED_KILL = "forcefully exiting via"
 # ---- helpers -----------------------------------------------------------------------------------
 def export_killing_mlp(spec: ModelSpec, **kwargs: Any) -> nn.Module:
     """``mlp`` (same parameters, same init) that SIGKILLs its process while ``torch.export`` traces
-    it - i.e. inside MLflow's ``log_model``, after the logged model was created - on the torchrun attempt
-    named by ``$CTRAIN_TEST_KILL_IN_EXPORT_ATTEMPT``."""
+    it after training - i.e. inside MLflow's ``log_model``, after the logged model was created, not in
+    the export check before the first step - on the torchrun attempt named by
+    ``$CTRAIN_TEST_KILL_IN_EXPORT_ATTEMPT``."""
     model = mlp(spec, **kwargs)
+    trained: list[bool] = []
 
     def kill_while_exporting(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        if torch.compiler.is_exporting() and attempt == os.environ.get(KILL_IN_EXPORT_ATTEMPT):
+        if module.training:
+            trained.append(True)
+        elif torch.compiler.is_exporting() and trained and attempt == os.environ.get(KILL_IN_EXPORT_ATTEMPT):
             logging.getLogger("trainer").warning("test hook: SIGKILL during export")
             logging.shutdown()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -208,7 +212,7 @@ def test_worker_death_before_the_first_checkpoint_keeps_one_mlflow_run(
     finished: TrainerRun, trainer_run: TrainerRun, rank: int
 ) -> None:
     # Step 3 is before the first checkpoint (step 10): only the lease knows the run id at that point.
-    proc = trainer_run("faults.kill_at_step=3", f"faults.kill_rank={rank}", nproc=2, max_restarts=1)
+    proc = trainer_run(nproc=2, max_restarts=1, faults={"kill_at_step": 3, "kill_rank": rank})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fault injection: SIGKILL at step 3" in proc.stderr
     assert "resumed from" not in proc.stderr
@@ -289,7 +293,7 @@ def test_two_trainers_started_together_one_trains_and_the_other_exits_75(trainer
     procs: list[subprocess.CompletedProcess[str]] = []
     # Slowed down so that the winner still holds the lease when the other one looks.
     threads = [
-        threading.Thread(target=lambda: procs.append(trainer_run("faults.step_delay_s=0.1", nproc=2)))
+        threading.Thread(target=lambda: procs.append(trainer_run(nproc=2, faults={"step_delay_s": 0.1})))
         for _ in range(2)
     ]
     for thread in threads:
@@ -320,12 +324,11 @@ def test_kill_in_export_leaves_one_ready_model_and_resumed_metrics_are_exact(
         "model.factory=test_run_bookkeeping:export_killing_mlp",
         "model.kwargs={hidden_sizes: [16], dropout: 0.1}",  # debug.yaml's, so the reference's weights
         "checkpoint.every_steps=3",
-        "faults.kill_at_step=8",
-        "faults.kill_rank=1",
-        "faults.step_delay_s=0.05",  # time for the async step-6 save to commit before the kill
         nproc=2,
         max_restarts=2,
         env=module_env(**{KILL_IN_EXPORT_ATTEMPT: "1"}),
+        # step_delay_s: time for the async step-6 save to commit before the kill
+        faults={"kill_at_step": 8, "kill_rank": 1, "step_delay_s": 0.05},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test hook: SIGKILL during export" in proc.stderr

@@ -44,12 +44,11 @@ def test_sigkill_mid_epoch_then_torchrun_restart_resumes_exactly(
 ) -> None:
     # Rank 1 dies before step 17 (epoch 2, mid-epoch); the last checkpoint is step 15.
     proc = trainer_run(
-        "faults.kill_at_step=17",
-        "faults.kill_rank=1",
         "checkpoint.every_steps=5",
-        "faults.step_delay_s=0.05",  # time for the async step-15 save to commit before the kill
         nproc=2,
         max_restarts=1,
+        # step_delay_s: time for the async step-15 save to commit before the kill
+        faults={"kill_at_step": 17, "kill_rank": 1, "step_delay_s": 0.05},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fault injection: SIGKILL at step 17" in proc.stderr
@@ -63,7 +62,7 @@ def test_sigkill_mid_epoch_then_torchrun_restart_resumes_exactly(
 
 
 def test_nonfinite_loss_on_one_rank_stops_every_rank_with_exit_70(trainer_run: TrainerRun) -> None:
-    proc = trainer_run("faults.nonfinite_loss_step=15", "faults.nonfinite_loss_rank=1", nproc=2)
+    proc = trainer_run(nproc=2, faults={"nonfinite_loss_step": 15, "nonfinite_loss_rank": 1})
     assert proc.returncode != 0
     for rank in (0, 1):
         assert (
@@ -93,7 +92,7 @@ def test_max_steps_guardrail_stops_with_a_final_checkpoint(trainer_run: TrainerR
 
 
 def test_wall_clock_guardrail_stops_and_checkpoints(trainer_run: TrainerRun) -> None:
-    proc = trainer_run("train.max_wall_clock_s=0.5", "faults.step_delay_s=0.1", nproc=2)
+    proc = trainer_run("train.max_wall_clock_s=0.5", nproc=2, faults={"step_delay_s": 0.1})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = trainer_run.result()
     assert result["stopped_reason"] == "max_wall_clock"
@@ -186,8 +185,8 @@ def test_system_metrics_and_resolved_config_are_tracked(trainer_run: TrainerRun)
     proc = trainer_run(
         "tracking.system_metrics=true",
         "tracking.system_metrics_interval_s=0.2",
-        "faults.step_delay_s=0.05",  # a run long enough for several samples
         nproc=1,
+        faults={"step_delay_s": 0.05},  # a run long enough for several samples
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = trainer_run.runs()
@@ -202,7 +201,8 @@ def test_a_hung_peer_fails_the_run_fast_and_retryably(trainer_run: TrainerRun) -
     # Rank 1 stops responding before step 7: rank 0 waits in DDP's all-reduce until the process-group
     # timeout, then the run ends with the retryable exit code instead of hanging for hours.
     proc = trainer_run(
-        "faults.hang_at_step=7", "faults.hang_rank=1", "distributed.timeout_s=5", nproc=2, timeout=120
+        # 15 s: longer than rank 0 takes to open its MLflow run before step 1 on a loaded machine
+        "distributed.timeout_s=15", nproc=2, timeout=120, faults={"hang_at_step": 7, "hang_rank": 1}
     )
     assert proc.returncode != 0
     result = trainer_run.result()

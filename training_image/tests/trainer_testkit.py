@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 if TYPE_CHECKING:
     import torch
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TESTS = Path(__file__).resolve().parent
+CONFIGS = TESTS.parent / "configs"
 FEATURES = ["amount_z", "tx_count_1h", "merchant_risk", "account_age_days"]
 
 
@@ -101,7 +102,11 @@ def free_port() -> int:
 
 
 class TrainerRun:
-    """One trainer invocation (torchrun when nproc > 1) against paths under a temp dir."""
+    """One trainer invocation (torchrun when nproc > 1) against paths under a temp dir.
+
+    The trainer processes import from this directory too (``model.factory=toy_models:...``);
+    ``faults={...}`` runs them through the :mod:`fault_injection` entry point instead of ``trainer``.
+    """
 
     def __init__(self, tmp: Path, dataset_uri: str) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
@@ -119,12 +124,14 @@ class TrainerRun:
         config: str = "debug.yaml",
         env: dict[str, str] | None = None,
         timeout: float = 240,
+        faults: dict[str, Any] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         base = [
             f"data.dataset_uri={self.dataset_uri}",
             f"checkpoint.uri={self.checkpoint_uri}",
             f"output.uri={self.output_uri}",
         ]
+        entry = ["fault_injection", "--faults", json.dumps(faults)] if faults else ["trainer"]
         args = ["train", "--config", str(CONFIGS / config)]
         for item in [*base, *overrides]:
             args += ["--set", item]
@@ -133,10 +140,10 @@ class TrainerRun:
                 sys.executable, "-m", "torch.distributed.run",
                 f"--nproc-per-node={nproc}", "--nnodes=1", f"--max-restarts={max_restarts}",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-                "-m", "trainer", *args,
+                "-m", *entry, *args,
             ]  # fmt: skip
         else:
-            cmd = [sys.executable, "-m", "trainer", *args]
+            cmd = [sys.executable, "-m", *entry, *args]
         full_env = {
             **os.environ,
             "MLFLOW_TRACKING_URI": self.tracking_uri,
@@ -144,6 +151,7 @@ class TrainerRun:
             "GIT_PYTHON_REFRESH": "quiet",
             **(env or {}),
         }
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS), full_env.get("PYTHONPATH")) if p)
         if "MLFLOW_RUN_ID" not in (env or {}):
             full_env.pop("MLFLOW_RUN_ID", None)
         with subprocess.Popen(

@@ -21,13 +21,11 @@ an allow-list unpickler, after its sha256 has been checked against the manifest.
 rewritten by whoever can write the files, so the metadata is also checked to declare only tensors: a
 "bytes" entry (which DCP would ``torch.load(weights_only=False)``) makes the step invalid, and the load
 planner refuses bytes entries as well.
-
-Fault injection (tests only): ``CTRAIN_FAULT_KILL_BEFORE_MANIFEST=N`` makes rank 0 SIGKILL itself after
-writing every file of step N except ``manifest.json``, on a first torchrun attempt only.
 """
 
 from __future__ import annotations
 
+import enum
 import errno
 import hashlib
 import io
@@ -36,7 +34,6 @@ import logging
 import os
 import pickle
 import random
-import signal
 import threading
 import time
 import uuid
@@ -82,7 +79,6 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 _STEP_PREFIX = "step-"
 _DIGESTS_FQN = "__ctrain_file_digests__"  # marker write result carrying a rank's file digests
-_KILL_BEFORE_MANIFEST = "CTRAIN_FAULT_KILL_BEFORE_MANIFEST"
 
 
 def step_dir_name(step: int) -> str:
@@ -121,6 +117,11 @@ class _MetadataUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("builtins", "getattr"):
+            # CPython 3.11 up to 3.11.x (e.g. Debian's 3.11.2) pickles an Enum member as
+            # getattr(EnumClass, "NAME"); later releases as EnumClass(value). Only that one use of
+            # getattr is resolved, so a checkpoint written under either loads under the other.
+            return self._enum_member
         if (module, name) in self._ALLOWED or (
             module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
         ):
@@ -128,6 +129,22 @@ class _MetadataUnpickler(pickle.Unpickler):
         if (module, name) == ("torch.distributed.checkpoint.metadata", "BytesStorageMetadata"):
             return _BytesItem
         raise pickle.UnpicklingError(f"checkpoint metadata references {module}.{name}, which is not allowed")
+
+    @classmethod
+    def _enum_member(cls, owner: object, name: object) -> enum.Enum:
+        """``getattr(owner, name)`` only for an allow-listed Enum class and the name of one of its members."""
+        allowed = (
+            isinstance(owner, type)
+            and issubclass(owner, enum.Enum)
+            and (owner.__module__, owner.__qualname__) in cls._ALLOWED
+        )
+        if not allowed or not isinstance(name, str) or name not in owner.__members__:  # type: ignore[union-attr]
+            what = getattr(owner, "__qualname__", type(owner).__name__)
+            raise pickle.UnpicklingError(
+                f"checkpoint metadata calls getattr({what}, {name!r}), which is not allowed (only an "
+                "allow-listed Enum class and one of its member names are)"
+            )
+        return owner[name]  # type: ignore[index]
 
 
 def _bytes_item_refused(fqn: str) -> str:
@@ -659,7 +676,6 @@ class CheckpointManager:
         }
         what = f"commit of {self.step_uri(step)}"
         _with_retries(lambda: self.fs.pipe_file(f"{path}/{TRAINER_STATE}", trainer_state), what)
-        _maybe_kill_before_manifest(step)
         # The manifest is the commit marker: one small object written after every file it lists.
         _with_retries(
             lambda: self.fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=1).encode()), what
@@ -889,17 +905,6 @@ def _with_retries(action: Callable[[], T], what: str, attempts: int = 4, first_d
             log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay)
             time.sleep(delay)
     return action()
-
-
-def _maybe_kill_before_manifest(step: int) -> None:
-    """Fault injection: die between the data files and the commit marker (first attempt only)."""
-    if (
-        os.environ.get(_KILL_BEFORE_MANIFEST) == str(step)
-        and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    ):
-        log.warning("fault injection: SIGKILL before the manifest of step %d", step)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -2,7 +2,7 @@
 
 Every field has a type, a default (or is required) and a description; the same models produce the JSON
 schema (``python -m trainer schema``) that the pipeline turns into Airflow Params. Fields marked
-``hashed=False`` (locations, tracking, guardrails, test knobs) do not change what is trained, so they
+``hashed=False`` (locations, tracking, guardrails, distribution) do not change what is trained, so they
 are left out of the config hash that identifies a run and guards resume.
 """
 
@@ -236,31 +236,24 @@ class DistributedConfig(_Section):
     timeout_s: float = _unhashed(
         default=120.0, gt=0, description="Collective timeout, so a lost peer fails the run fast (exit 75)."
     )
-
-
-class FaultsConfig(_Section):
-    nonfinite_loss_step: int | None = _unhashed(
-        default=None, ge=1, description="Test knob: make the loss NaN at this optimizer step."
+    # DDP options a user model may need (torch.nn.parallel.DistributedDataParallel's arguments of the
+    # same names). They change how gradients are averaged, not their values, so they are not hashed.
+    find_unused_parameters: bool = _unhashed(
+        default=False,
+        description="DDP: find the parameters that get no gradient in a step (a model with heads or "
+        "branches it does not always use); costs a graph traversal per step.",
     )
-    nonfinite_loss_rank: int = _unhashed(
-        default=0, ge=0, description="Test knob: the rank that produces the NaN."
+    static_graph: bool = _unhashed(
+        default=False,
+        description="DDP: the same parameters are used (or unused) in every step, so DDP plans for that "
+        "once; also accepts parameters that are never used, without find_unused_parameters' cost.",
     )
-    kill_at_step: int | None = _unhashed(
-        default=None,
-        ge=1,
-        description="Test knob: SIGKILL this process before this optimizer step, on a first attempt only "
-        "(TORCHELASTIC_RESTART_COUNT=0), so a torchrun restart resumes past it.",
+    gradient_as_bucket_view: bool = _unhashed(
+        default=False,
+        description="DDP: gradients are views into the all-reduce buckets (one gradient-sized copy less memory).",
     )
-    kill_rank: int = _unhashed(default=0, ge=0, description="Test knob: the rank that kill_at_step kills.")
-    hang_at_step: int | None = _unhashed(
-        default=None,
-        ge=1,
-        description="Test knob: this process stops responding (sleeps) before this optimizer step, "
-        "so its peers hit the collective timeout.",
-    )
-    hang_rank: int = _unhashed(default=0, ge=0, description="Test knob: the rank that hang_at_step hangs.")
-    step_delay_s: float = _unhashed(
-        default=0.0, ge=0, description="Test knob: sleep this long per optimizer step (guardrail/kill tests)."
+    bucket_cap_mb: float | None = _unhashed(
+        default=None, gt=0, description="DDP: gradient all-reduce bucket size in MiB; null = DDP's default (25)."
     )
 
 
@@ -283,7 +276,6 @@ class TrainerConfig(_Section):
     distributed: DistributedConfig = Field(
         default_factory=DistributedConfig, description="torch.distributed."
     )
-    faults: FaultsConfig = Field(default_factory=FaultsConfig, description="Fault injection (tests only).")
 
     @model_validator(mode="before")
     @classmethod
@@ -468,8 +460,8 @@ def _fields(model: type[BaseModel], prefix: str = "", hashed: bool = True) -> li
     return out
 
 
-# Set by the pipeline itself (or test-only): not offered as overrides in the DAG's Params.
-PIPELINE_OWNED = ("data.", "checkpoint.uri", "output.", "faults.", "model.factory_prefixes")
+# Set by the pipeline itself: not offered as overrides in the DAG's Params.
+PIPELINE_OWNED = ("data.", "checkpoint.uri", "output.", "model.factory_prefixes")
 
 
 def overrides_schema() -> dict[str, Any]:

@@ -8,12 +8,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from torch import nn
+
+    from trainer.config import DistributedConfig
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +111,47 @@ def _attempt_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store
     return dist.PrefixStore(f"ctrain/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def wrap_model(model: nn.Module, ctx: DistContext, cfg: DistributedConfig) -> nn.Module:
+    """``model`` under DDP with the configured options (the model itself in a single process)."""
+    if not ctx.is_distributed:
+        return model
+    # broadcast_buffers=False: re-sending buffers before every forward is a collective per step,
+    # and the default model's buffers (feature scaling) never change. A user model with running
+    # statistics (BatchNorm) should use SyncBatchNorm; rank 0's copy is the one checkpointed.
+    return DistributedDataParallel(
+        model,
+        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        broadcast_buffers=False,
+        find_unused_parameters=cfg.find_unused_parameters,
+        static_graph=cfg.static_graph,
+        gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+    )
+
+
+_UNUSED_INDICES = re.compile(r"Parameter indices which did not receive grad for rank \d+: ([\d ]+)")
+
+
+@contextmanager
+def explained_ddp_errors(model: nn.Module, factory: str) -> Iterator[None]:
+    """Turn DDP's "parameters were not used in producing loss" error (raised at the forward after the
+    step that left them without a gradient) into a ConfigError naming the parameters and the setting."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "find_unused_parameters=True" not in str(exc):
+            raise
+        names = [name for name, p in model.named_parameters() if p.requires_grad]
+        found = _UNUSED_INDICES.search(str(exc))
+        unused = [names[int(i)] for i in found.group(1).split() if int(i) < len(names)] if found else []
+        raise ConfigError(
+            f"model.factory={factory}: the model has parameters that received no gradient in a training "
+            f"step{' (' + ', '.join(unused) + ')' if unused else ''}, which DDP refuses by default. Set "
+            "distributed.find_unused_parameters=true (or distributed.static_graph=true when the same "
+            f"parameters are unused in every step). DDP said: {str(exc).splitlines()[0]}"
+        ) from None
+
+
 def shutdown() -> None:
     """Tear down the process group (safe to call when none exists)."""
     if dist.is_initialized():
@@ -159,6 +213,25 @@ def wait_done(ctx: DistContext, key: str, timeout_s: float) -> None:
             time.sleep(_POLL_S)
     except Exception as exc:  # rank 0 is gone, or we are being stopped: exiting now is all that is left
         log.warning("stopped waiting for rank 0 to confirm %r: %s", key, exc)
+
+
+def from_main(ctx: DistContext, key: str, compute: Callable[[], str | None], timeout_s: float = 900) -> str | None:
+    """Rank 0 runs ``compute`` and every rank gets its result, passed through the rendezvous store rather
+    than a collective: a check that takes a while on rank 0 (an export, cold imports) does not run
+    into ``distributed.timeout_s`` on the ranks waiting for it."""
+    if ctx.store is None:
+        return compute()
+    if ctx.is_main:
+        value = compute()
+        ctx.store.set(key, "" if value is None else f"={value}")
+        return value
+    deadline = time.monotonic() + timeout_s
+    while not ctx.store.check([key]):  # polled, so a SIGTERM ends the wait (see wait_done)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"rank 0 did not report {key!r} within {timeout_s:.0f} s")
+        time.sleep(_POLL_S)
+    value = ctx.store.get(key).decode()
+    return value[1:] if value else None
 
 
 def barrier() -> None:

@@ -23,6 +23,8 @@ from mlflow.types import ColSpec, Schema, TensorSpec
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from trainer.errors import ConfigError
+
 if TYPE_CHECKING:
     from trainer.tasks import Task
 
@@ -41,6 +43,32 @@ class ServingModel(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.task.predict(self.model(features.to(torch.float32)))
+
+
+FACTORY_CONTRACT_DOC = "training_image/README.md, section 'Bring your own model'"
+_EXPORT_ERROR_LINES = 8  # of the torch.export error quoted in the message (its first lines say why)
+
+
+def check_exportable(model: nn.Module, task: Task, sample: Tensor, factory: str) -> None:
+    """Export the serving module on ``sample`` the way :func:`log_model` will (``torch.export`` with a
+    dynamic batch dimension), so a model that cannot be served fails before the first step, not after
+    the last epoch. Raises ConfigError naming ``factory``; the model is left in training mode."""
+    serving = ServingModel(model, task).eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.export.export(serving, (sample,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    except Exception as exc:
+        lines = [line for line in f"{type(exc).__name__}: {exc}".splitlines() if line.strip()]
+        quoted = "\n    ".join(lines[:_EXPORT_ERROR_LINES])
+        raise ConfigError(
+            f"the export of model.factory={factory} failed: the model must be exportable with "
+            f"torch.export (it is served as an exported graph), checked on a sample batch of "
+            f"{len(sample)} train rows before the first step. The export error:\n    {quoted}\n"
+            f"See the model factory contract in {FACTORY_CONTRACT_DOC} (no Python control flow on "
+            "tensor values: use torch.where / torch.cond)."
+        ) from None
+    finally:
+        model.train()
 
 
 def log_model(model: nn.Module, task: Task, feature_columns: list[str], example: np.ndarray) -> str:

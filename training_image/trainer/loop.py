@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -22,14 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from trainer import distributed
 from trainer.checkpoint import CheckpointManager
 from trainer.data import ResumableSampler, Snapshot, Split, feature_stats, load_snapshot, shard
-from trainer.errors import DivergenceError
-from trainer.model import ModelSpec, build_model
+from trainer.errors import ConfigError, DivergenceError
+from trainer.model import ModelSpec, build_model, factory_package
 from trainer.progress import Progress
 from trainer.tasks import Task
 from trainer.tracking import Tracker
@@ -42,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVAL_BATCH_SIZE = 8192
+EXPORT_CHECK_ROWS = 8  # train rows the export check traces the serving model on
 
 
 @dataclass
@@ -159,19 +158,10 @@ class Trainer:
         # Same seed on every rank for identical initial weights; then one stream per rank (dropout,
         # and python/numpy for user code).
         self.model = build_model(cfg.model.factory, spec, cfg.model.kwargs).to(ctx.device)
+        self._check_exportable()
+        self.model_package = factory_package(cfg.model.factory)
         seed_everything(cfg.seed + 1 + ctx.rank, cfg.train.deterministic)
-        # broadcast_buffers=False: re-sending buffers before every forward is a collective per step,
-        # and the default model's buffers (feature scaling) never change. A user model with running
-        # statistics (BatchNorm) should use SyncBatchNorm; rank 0's copy is the one checkpointed.
-        self.ddp: nn.Module = (
-            DistributedDataParallel(
-                self.model,
-                device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                broadcast_buffers=False,
-            )
-            if ctx.is_distributed
-            else self.model
-        )
+        self.ddp = distributed.wrap_model(self.model, ctx, cfg.distributed)
         self.optimizer = _build_optimizer(cfg, self.model)
         self.sampler = ResumableSampler(
             num_samples=len(self.snapshot.train),
@@ -212,6 +202,23 @@ class Trainer:
         self.progress = Progress(enabled=ctx.is_main, interactive=sys.stderr.isatty())
         self.interval = Interval()
         self._resumed_from: int | None = None
+
+    def _check_exportable(self) -> None:
+        """Rank 0 exports the serving model on a few train rows, before any step or checkpoint; every
+        rank raises the same ConfigError if that fails (a model that cannot be served is a bad config)."""
+        from trainer.export import check_exportable
+
+        def check() -> str | None:
+            sample = self.snapshot.train.features[:EXPORT_CHECK_ROWS].to(self.ctx.device)
+            try:
+                check_exportable(self.model, self.task, sample, self.cfg.model.factory)
+            except ConfigError as exc:
+                return str(exc)
+            return None
+
+        failure = distributed.from_main(self.ctx, "export_check", check)
+        if failure is not None:
+            raise ConfigError(failure)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -260,6 +267,9 @@ class Trainer:
             "config_hash": self.config_hash,
             "checkpoint_uri": self.cfg.checkpoint.uri,
         }
+        if self.model_package is not None:
+            tags["model_package"] = self.model_package["name"]
+            tags["model_package_version"] = self.model_package["version"]
         if self._resumed_from is not None:
             tags["resumed_from"] = self.checkpoints.step_uri(self._resumed_from)
         if self.checkpoints.events:
@@ -313,7 +323,6 @@ class Trainer:
         """Forward/backward over the micro-batches, agree on finiteness, clip, step.
 
         Returns this rank's loss sum and sample count."""
-        self._maybe_kill()
         t0 = time.perf_counter()
         train, device = self.snapshot.train, self.ctx.device
         loss_sum, samples, data_wait = 0.0, 0, 0.0
@@ -328,13 +337,13 @@ class Trainer:
             # Only the last micro-batch all-reduces; the others accumulate gradients locally.
             sync = self.ddp.no_sync() if i < last and self.ctx.is_distributed else nullcontext()  # type: ignore[operator]
             with sync:
-                with self.autocast:
+                with self.autocast, distributed.explained_ddp_errors(self.model, self.cfg.model.factory):
                     output = self.ddp(x).float()
                 # The micro-batch mean, weighted by its share of the global batch times world_size
                 # (DDP's gradient average divides that back out): the gradient is the mean over the
                 # global batch whatever the rank/accumulation layout. An empty share (short last
                 # batch) contributes a zero loss but still joins DDP's all-reduce via backward.
-                loss = self._maybe_inject_fault(self.task.loss(output, y, "mean" if n else "sum"))
+                loss = self.task.loss(output, y, "mean" if n else "sum")
                 weight = n * self.ctx.world_size / global_size
                 (loss if weight == 1.0 else loss * weight).backward()
             loss_sum += loss.item() * n
@@ -357,33 +366,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.step_scheduler is not None:
             self.step_scheduler.step()
-        if self.cfg.faults.step_delay_s:
-            time.sleep(self.cfg.faults.step_delay_s)
         self.interval.add(loss_sum, samples, grad_norm, time.perf_counter() - t0, data_wait)
         self.progress.advance(loss_sum / max(samples, 1))
         return loss_sum, samples
-
-    def _maybe_inject_fault(self, loss: torch.Tensor) -> torch.Tensor:
-        faults = self.cfg.faults
-        if (
-            faults.nonfinite_loss_step == self.state.global_step + 1
-            and faults.nonfinite_loss_rank == self.ctx.rank
-        ):
-            return loss * float("nan")
-        return loss
-
-    def _maybe_kill(self) -> None:
-        faults, step = self.cfg.faults, self.state.global_step + 1
-        if (
-            faults.kill_at_step == step
-            and faults.kill_rank == self.ctx.rank
-            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-        ):
-            log.warning("fault injection: SIGKILL at step %d", step)
-            os.kill(os.getpid(), signal.SIGKILL)
-        if faults.hang_at_step == step and faults.hang_rank == self.ctx.rank:
-            log.warning("fault injection: hanging at step %d", step)
-            time.sleep(24 * 3600)  # until torchrun's SIGTERM ends it
 
     def _guardrail(self, check_clock: bool) -> str | None:
         """Stop reason if max_steps or max_wall_clock_s is reached (the clock check is agreed by all ranks)."""
@@ -542,6 +527,7 @@ class Trainer:
             "seed": self.cfg.seed,
             "world_size": self.ctx.world_size,
             "stopped_reason": state.stopped_reason,
+            "model_package": self.model_package,
         }
 
 

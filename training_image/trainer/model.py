@@ -9,6 +9,7 @@ model takes raw features. Select one with ``model.factory: "my_pkg.models:build"
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from trainer.errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+
+NOT_A_DISTRIBUTION = "unknown (not an installed distribution)"
 
 
 @dataclass(frozen=True)
@@ -84,3 +87,17 @@ def build_model(dotted: str, spec: ModelSpec, kwargs: dict[str, object]) -> nn.M
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory {dotted!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def factory_package(dotted: str) -> dict[str, str] | None:
+    """The package a user factory comes from, for the run's lineage: ``{"name", "version"}`` of the
+    installed distribution providing its top-level module (the module name and
+    :data:`NOT_A_DISTRIBUTION` for a plain module on the path); None for the trainer's own factories."""
+    top = dotted.partition(":")[0].split(".")[0]
+    if top == "trainer":
+        return None
+    distributions = importlib.metadata.packages_distributions().get(top)
+    if not distributions:
+        return {"name": top, "version": NOT_A_DISTRIBUTION}
+    name = distributions[0]
+    return {"name": name, "version": importlib.metadata.version(name)}
