@@ -27,7 +27,7 @@ fsspec, sha256 of every byte as it is written, manifest written last, retention)
 3. Throughput to ``file://`` (a temp dir) and ``s3://`` (a ``moto_server`` subprocess on 127.0.0.1, path
    style, dummy credentials), large state: a synchronous ``save()`` next to a plain copy of the same
    bytes as one file (``shutil.copy`` / ``fs.put_file``); a resume from a new manager (``latest()``,
-   which reads and verifies every file, then ``load()`` from those bytes) next to a plain read of them
+   which reads and verifies every file, then ``restore()`` from those bytes) next to a plain read of them
    (``fs.cat_file``).
 
 Medians over ``--repeats``. The table is printed first; the last line is one JSON object.
@@ -134,22 +134,24 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     optimizer.step()  # with an async save pending, this first waits for the state copy (a pre-hook)
 
 
-def train_run(sizes: Sizes, manager: CheckpointManager | None) -> tuple[list[float], float]:
-    """Epoch times (train steps + the epoch-end ``save()`` call) of one run from a fresh model, and the
-    seconds the loop was blocked by checkpointing during those epochs (the final wait for the last save,
-    once per run, is not part of any epoch)."""
+def train_run(sizes: Sizes, uri: str | None) -> tuple[list[float], float]:
+    """Epoch times (train steps + the epoch-end ``save()`` call) of one run from a fresh model,
+    checkpointing asynchronously under ``uri`` (None: no checkpoints), and the seconds the loop was
+    blocked by checkpointing during those epochs (the final wait for the last save, once per run, is not
+    part of any epoch)."""
     model, optimizer = build(sizes)
+    manager = new_manager(uri, model, optimizer, async_save=True) if uri is not None else None
     x, y = synthetic(sizes.steps_per_epoch * sizes.batch, sizes.features)
     generator = torch.Generator().manual_seed(SEED)
     times, step = [], 0
-    for epoch in range(sizes.epochs):
+    for _ in range(sizes.epochs):
         started = time.perf_counter()
         order = torch.randperm(len(x), generator=generator)
         for idx in order.split(sizes.batch):
             train_step(model, optimizer, x[idx], y[idx])
             step += 1
         if manager is not None:
-            manager.save(step, model, optimizer, {"epoch": epoch + 1}, best_step=step)
+            manager.save(step, best_step=step)
         times.append(time.perf_counter() - started)
     blocked = manager.blocked_s if manager is not None else 0.0
     if manager is not None:
@@ -157,11 +159,15 @@ def train_run(sizes: Sizes, manager: CheckpointManager | None) -> tuple[list[flo
     return times, blocked
 
 
-def new_manager(uri: str, *, async_save: bool) -> CheckpointManager:
-    """A manager with the default config's retention (keep_last=2, keep_best)."""
+def new_manager(
+    uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, async_save: bool
+) -> CheckpointManager:
+    """A manager of ``model`` and ``optimizer`` with the default config's retention (keep_last=2, keep_best)."""
     return CheckpointManager(
         uri,
         CTX,
+        model=model,
+        optimizer=optimizer,
         config_hash="bench",
         dataset_version="synthetic",
         keep_last=2,
@@ -191,12 +197,14 @@ def blocking(sizes: Sizes, uri: str, saves: int) -> Blocking:
     x, y = synthetic(sizes.batch, sizes.features)
     medians = {}
     for async_save in (False, True):
-        manager = new_manager(f"{uri}/{'async' if async_save else 'sync'}", async_save=async_save)
+        manager = new_manager(
+            f"{uri}/{'async' if async_save else 'sync'}", model, optimizer, async_save=async_save
+        )
         blocked, committed = [], []
         for step in range(1, saves + 2):
             manager.wait()
             before, started = manager.blocked_s, time.perf_counter()
-            manager.save(step, model, optimizer, {"epoch": step}, best_step=None)
+            manager.save(step)
             train_step(model, optimizer, x, y)  # async: waits for the state copy before it updates
             blocked.append(manager.blocked_s - before)
             manager.wait()
@@ -243,8 +251,7 @@ def _overhead(sizes: Sizes, workdir: Path) -> Overhead:
     plain, checkpointed, blocked = [], [], []
     for round_ in range(sizes.rounds):
         plain += train_run(sizes, None)[0][1:]
-        manager = new_manager(f"file://{workdir / f'loop-{sizes.name}-{round_}'}", async_save=True)
-        times, blocked_s = train_run(sizes, manager)
+        times, blocked_s = train_run(sizes, f"file://{workdir / f'loop-{sizes.name}-{round_}'}")
         checkpointed += times[1:]
         blocked.append(blocked_s / sizes.epochs)
     return Overhead(
@@ -280,10 +287,10 @@ class Throughput:
 def throughput(sizes: Sizes, uri: str, blob: Path | None, workdir: Path) -> tuple[Throughput, Path]:
     """Measure one backend; ``blob`` (one file holding a checkpoint's bytes) is made on the first call."""
     model, optimizer = build(sizes)
-    manager = new_manager(uri, async_save=False)
+    manager = new_manager(uri, model, optimizer, async_save=False)
     steps = iter(range(1, 1000))
-    manager.save(next(steps), model, optimizer, {}, best_step=None)  # warm-up
-    save_s = timed(lambda: manager.save(next(steps), model, optimizer, {}, best_step=None), sizes.repeats)
+    manager.save(next(steps))  # warm-up
+    save_s = timed(lambda: manager.save(next(steps)), sizes.repeats)
     manager.close()
     step = manager.last_saved_step
     assert step is not None
@@ -296,10 +303,10 @@ def throughput(sizes: Sizes, uri: str, blob: Path | None, workdir: Path) -> tupl
                 out.write(fs.cat_file(name))
 
     def resume() -> None:
-        fresh = new_manager(uri, async_save=False)
+        fresh = new_manager(uri, model, optimizer, async_save=False)
         found = fresh.latest()
         assert found == step, f"latest() found {found}, expected {step}"
-        fresh.load(found, model, optimizer)
+        fresh.restore(found)
         fresh.close()
 
     resume_s = timed(resume, sizes.repeats)

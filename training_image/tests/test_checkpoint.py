@@ -26,7 +26,26 @@ if TYPE_CHECKING:
 CTX = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
-def manager(uri: str, **overrides: Any) -> CheckpointManager:
+class JsonState:
+    """A registered JSON-able state (what the loop's counters are to the manager)."""
+
+    def __init__(self) -> None:
+        self.value: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.value
+
+    def load_state_dict(self, value: dict[str, Any]) -> None:
+        self.value = value
+
+
+def manager(
+    uri: str, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None, **overrides: Any
+) -> CheckpointManager:
+    """A manager with ``model`` and ``optimizer`` (a fresh trained pair if not given) and a ``loop``
+    state registered."""
+    if model is None or optimizer is None:
+        model, optimizer = trained_pair(seed=7)
     options: dict[str, Any] = {
         "config_hash": "cfg",
         "dataset_version": "data",
@@ -34,8 +53,15 @@ def manager(uri: str, **overrides: Any) -> CheckpointManager:
         "keep_best": True,
         "async_save": True,
         "allow_mismatch": False,
+        "states": {"loop": JsonState()},
     }
-    return CheckpointManager(uri, CTX, **{**options, **overrides})
+    return CheckpointManager(uri, CTX, model=model, optimizer=optimizer, **{**options, **overrides})
+
+
+def save(mgr: CheckpointManager, step: int, best: int | None = None) -> None:
+    """Save ``step`` with the loop state ``{"global_step": step}``."""
+    mgr.states["loop"].load_state_dict({"global_step": step})
+    mgr.save(step, best_step=best)
 
 
 def trained_pair(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -48,32 +74,31 @@ def trained_pair(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 def save_steps(mgr: CheckpointManager, steps: list[int], best: int | None = None) -> tuple[nn.Module, Any]:
-    model, optimizer = trained_pair()
     for step in steps:
-        mgr.save(step, model, optimizer, {"loop": {"global_step": step}}, best_step=best)
+        save(mgr, step, best)
     mgr.wait()
-    return model, optimizer
+    return mgr.model, mgr.optimizer
 
 
 def test_round_trip_restores_model_optimizer_rng_and_state(tmp_path: Path) -> None:
-    mgr = manager(f"file://{tmp_path}")
     model, optimizer = trained_pair()
+    mgr = manager(f"file://{tmp_path}", model, optimizer)
     torch.manual_seed(123)
     random.seed(123)
     random.gauss(0, 1)  # leaves a cached second normal in python's state
     np.random.seed(123)
     np.random.standard_normal()  # and in numpy's
     rng_before = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    mgr.save(7, model, optimizer, {"loop": {"global_step": 7}}, best_step=7)
+    save(mgr, 7, best=7)
     mgr.close()
+    fresh_model, fresh_opt = trained_pair(seed=1)
     torch.manual_seed(999)
     random.seed(999)
     np.random.seed(999)
-    fresh_model, fresh_opt = trained_pair(seed=1)
-    loaded = manager(f"file://{tmp_path}")
-    assert loaded.latest() == 7
-    state = loaded.load(7, fresh_model, fresh_opt)
-    assert state["loop"] == {"global_step": 7}
+    loaded = manager(f"file://{tmp_path}", fresh_model, fresh_opt)
+    assert loaded.load() == 7  # resume: latest, restore, prepare the directory
+    assert loaded.states["loop"].value == {"global_step": 7}
+    assert loaded.restore(7)["loop"] == {"global_step": 7}
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(
@@ -110,11 +135,11 @@ def test_manifest_lists_every_file_with_the_sha256_and_size_of_its_bytes(
 
 
 def test_async_save_holds_the_state_of_save_time_while_training_goes_on(tmp_path: Path) -> None:
-    mgr = manager(f"file://{tmp_path}", async_save=True)
     model, optimizer = trained_pair()
+    mgr = manager(f"file://{tmp_path}", model, optimizer, async_save=True)
     model.register_buffer("stat", torch.zeros(3))  # a buffer a forward could change (BatchNorm-like)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
-    mgr.save(1, model, optimizer, {"loop": {"global_step": 1}}, best_step=1)
+    save(mgr, 1, best=1)
     # Training continues at once: the buffer changes in the next forward, parameters in the next step
     # (which first waits for the background copy of the state).
     model.stat.add_(5.0)
@@ -124,8 +149,8 @@ def test_async_save_holds_the_state_of_save_time_while_training_goes_on(tmp_path
     assert not torch.equal(model[0].weight, saved["0.weight"])  # the step did change the weights
     fresh_model, fresh_opt = trained_pair(seed=1)
     fresh_model.register_buffer("stat", torch.ones(3))
-    loaded = manager(f"file://{tmp_path}")
-    loaded.load(loaded.latest(), fresh_model, fresh_opt)
+    loaded = manager(f"file://{tmp_path}", fresh_model, fresh_opt)
+    loaded.restore(loaded.latest())
     for key, value in fresh_model.state_dict().items():
         assert torch.equal(value, saved[key]), key
     assert mgr.blocked_s > 0
@@ -164,10 +189,9 @@ def test_retention_keeps_last_k_the_best_and_the_resume_point(tmp_path: Path) ->
 
 def test_resume_with_another_config_is_refused_unless_allowed(tmp_path: Path) -> None:
     save_steps(manager(f"file://{tmp_path}"), [4])
-    model, optimizer = trained_pair()
     with pytest.raises(CheckpointError, match=r"config hash cfg != other.*checkpoint.allow_mismatch=true"):
-        manager(f"file://{tmp_path}", config_hash="other").load(4, model, optimizer)
-    manager(f"file://{tmp_path}", config_hash="other", allow_mismatch=True).load(4, model, optimizer)
+        manager(f"file://{tmp_path}", config_hash="other").load()
+    assert manager(f"file://{tmp_path}", config_hash="other", allow_mismatch=True).load() == 4
 
 
 class _Payload:
@@ -193,9 +217,8 @@ def test_pickle_bearing_checkpoint_is_refused_and_runs_nothing(tmp_path: Path) -
     mgr = manager(f"file://{root}")
     assert mgr.latest() is None  # the only checkpoint is not valid
     assert any(".metadata refused" in e and "system, which is not allowed" in e for e in mgr.events)
-    model, optimizer = trained_pair()
     with pytest.raises(CheckpointError, match="refused.*system, which is not allowed"):
-        mgr.load(1, model, optimizer)
+        mgr.restore(1)
     assert not marker.exists()
 
 
@@ -210,11 +233,10 @@ def test_a_tensor_file_that_is_not_tensors_is_refused_without_running_it(tmp_pat
     manifest["files"]["__0_0.distcp"] = hashlib.sha256(blob).hexdigest()
     (step_dir / "manifest.json").write_text(json.dumps(manifest))
     mgr = manager(f"file://{root}")
-    model, optimizer = trained_pair()
     with pytest.raises(
         CheckpointError, match="step-00000001 refused: its files do not load as this model's state"
     ):
-        mgr.load(1, model, optimizer)
+        mgr.restore(1)
     assert not marker.exists()
 
 
@@ -239,9 +261,9 @@ def plant_bytes_entry(step_dir: Path, fqn: str, payload: bytes) -> None:
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
-    from trainer.checkpoint import _parse_metadata
+    from trainer.checkpoint.integrity import parse_metadata
 
-    metadata = _parse_metadata((step_dir / ".metadata").read_bytes())
+    metadata = parse_metadata((step_dir / ".metadata").read_bytes())
     assert fqn in metadata.state_dict_metadata
     metadata.state_dict_metadata[fqn] = BytesStorageMetadata()
     metadata.storage_data = {i: info for i, info in metadata.storage_data.items() if i.fqn != fqn}
@@ -267,14 +289,14 @@ def test_a_bytes_entry_in_metadata_is_refused_runs_nothing_and_the_previous_chec
     assert marker.exists()
     marker.unlink()
 
-    mgr = manager(f"file://{root}")
+    fresh_model, fresh_opt = trained_pair(seed=1)
+    mgr = manager(f"file://{root}", fresh_model, fresh_opt)
     assert mgr.latest() == 1
     assert any(
         "step-00000002 skipped: .metadata refused" in e and "model.0.weight is a bytes item" in e
         for e in mgr.events
     )
-    fresh_model, fresh_opt = trained_pair(seed=1)
-    mgr.load(1, fresh_model, fresh_opt)
+    mgr.restore(1)
     assert all(
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values(), strict=True)
@@ -283,10 +305,10 @@ def test_a_bytes_entry_in_metadata_is_refused_runs_nothing_and_the_previous_chec
     with pytest.raises(
         CheckpointError, match="step-00000002 refused.*model.0.weight is a bytes item"
     ) as info:
-        mgr.load(2, fresh_model, fresh_opt)
+        mgr.restore(2)
     assert info.value.exit_code == 65
     with pytest.raises(CheckpointError, match="step-00000002 refused.*bytes item"):
-        mgr.load_model(2, fresh_model)
+        mgr.load_model(2)
     assert not marker.exists()
 
 
@@ -297,7 +319,8 @@ def test_the_load_planner_refuses_bytes_items_without_unpickling_them(tmp_path: 
     from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from trainer.checkpoint import _causes, _TensorsOnlyLoadPlanner
+    from trainer.checkpoint.integrity import TensorsOnlyLoadPlanner
+    from trainer.checkpoint.storage_errors import causes
 
     marker = tmp_path / "pwned"
     dcp.save({"obj": _Payload(marker)}, storage_writer=FileSystemWriter(tmp_path / "ckpt"), no_dist=True)
@@ -305,10 +328,10 @@ def test_the_load_planner_refuses_bytes_items_without_unpickling_them(tmp_path: 
         dcp.load(
             {"obj": None},
             storage_reader=FileSystemReader(tmp_path / "ckpt"),
-            planner=_TensorsOnlyLoadPlanner(),
+            planner=TensorsOnlyLoadPlanner(),
             no_dist=True,
         )
-    (refusal,) = [c for c in _causes(info.value) if isinstance(c, CheckpointError)]
+    (refusal,) = [c for c in causes(info.value) if isinstance(c, CheckpointError)]
     assert "checkpoint entry obj is a bytes item" in str(refusal)
     assert not marker.exists()
 
@@ -341,12 +364,11 @@ def test_a_malformed_manifest_is_skipped_with_a_reason_and_refused_by_load(
     mgr = manager(f"file://{tmp_path}")
     assert mgr.latest() == 1, label
     assert any("step-00000002 skipped: manifest.json is malformed" in e for e in mgr.events), mgr.events
-    model, optimizer = trained_pair()
     expected = r"step-00000002/manifest.json is malformed \(.+\)\. Delete the step directory"
     with pytest.raises(CheckpointError, match=expected):
-        mgr.load(2, model, optimizer)
+        mgr.restore(2)
     with pytest.raises(CheckpointError, match=expected):
-        mgr.load_model(2, model)
+        mgr.load_model(2)
 
 
 @pytest.mark.parametrize("content", ["[]", '{"loop": {}}', '{"loop": 3, "optimizer_param_groups": []}'])
@@ -358,9 +380,8 @@ def test_a_malformed_trainer_state_is_skipped_and_refused_by_load(tmp_path: Path
     mgr = manager(f"file://{tmp_path}")
     assert mgr.latest() == 1
     assert any("step-00000002 skipped: trainer_state.json refused" in e for e in mgr.events), mgr.events
-    model, optimizer = trained_pair()
     with pytest.raises(CheckpointError, match="step-00000002 refused: trainer_state.json .*Delete the step"):
-        mgr.load(2, model, optimizer)
+        mgr.restore(2)
 
 
 def test_a_manifest_that_is_not_json_is_refused_by_load(tmp_path: Path) -> None:
@@ -369,11 +390,10 @@ def test_a_manifest_that_is_not_json_is_refused_by_load(tmp_path: Path) -> None:
     mgr = manager(f"file://{tmp_path}")
     assert mgr.latest() is None
     assert any("step-00000001 skipped: manifest.json is not valid JSON" in e for e in mgr.events)
-    model, optimizer = trained_pair()
     with pytest.raises(
         CheckpointError, match=r"step-00000001/manifest.json is not valid JSON.*Delete the step"
     ):
-        mgr.load(1, model, optimizer)
+        mgr.restore(1)
 
 
 def test_a_file_changed_after_latest_is_caught_while_loading(tmp_path: Path) -> None:
@@ -383,11 +403,10 @@ def test_a_file_changed_after_latest_is_caught_while_loading(tmp_path: Path) -> 
     blob = bytearray(data_file.read_bytes())
     blob[-10] ^= 0xFF
     data_file.write_bytes(bytes(blob))
-    model, optimizer = trained_pair()
     with pytest.raises(
         CheckpointError, match=r"__0_0.distcp does not match its sha256 in manifest.json \(corrupt\)"
     ):
-        other.load(1, model, optimizer)  # no latest() first: load itself verifies what it reads
+        other.restore(1)  # no latest() first: restoring verifies what it reads
 
 
 @pytest.mark.parametrize("errno_name", ["ENOSPC", "EROFS", "EACCES"])
@@ -396,15 +415,15 @@ def test_full_or_read_only_destination_is_terminal_and_names_the_fix(errno_name:
 
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from trainer.checkpoint import _storage_error
+    from trainer.checkpoint.storage_errors import storage_error
 
     code = getattr(errno_module, errno_name)
     cause = OSError(code, os.strerror(code))
     # As DCP reports it: a rank's failure wrapped in a CheckpointException, (exception, traceback).
-    error = _storage_error("s3://bucket/ckpt", CheckpointException("write", {1: (cause, None)}))
+    error = storage_error("s3://bucket/ckpt", CheckpointException("write", {1: (cause, None)}))
     assert isinstance(error, CheckpointError)
     assert "checkpoint destination s3://bucket/ckpt" in str(error) and "checkpoint.uri" in str(error)
-    assert isinstance(_storage_error("s3://b", ConnectionError("refused")), RetryableError)
+    assert isinstance(storage_error("s3://b", ConnectionError("refused")), RetryableError)
 
 
 class S3Endpoint:
@@ -449,10 +468,9 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Endpoint]:
 def test_s3_round_trip_through_the_http_endpoint(s3: S3Endpoint) -> None:
     uri = "s3://ckpt/runs/key"
     model, optimizer = save_steps(manager(uri), [10, 20])
-    fresh = manager(uri)
-    assert fresh.latest() == 20
     other_model, other_opt = trained_pair(seed=5)
-    fresh.load(20, other_model, other_opt)
+    fresh = manager(uri, other_model, other_opt)
+    assert fresh.load() == 20
     assert all(
         torch.equal(a, b)
         for a, b in zip(model.state_dict().values(), other_model.state_dict().values(), strict=True)
@@ -462,10 +480,10 @@ def test_s3_round_trip_through_the_http_endpoint(s3: S3Endpoint) -> None:
 def test_s3_outage_during_save_is_retryable_and_never_becomes_latest(s3: S3Endpoint) -> None:
     uri = "s3://ckpt/runs/outage"
     mgr = manager(uri, async_save=False)
-    model, optimizer = save_steps(mgr, [10])
+    save_steps(mgr, [10])
     s3.stop()  # the endpoint goes away mid-run
     with pytest.raises(RetryableError, match="checkpoint storage"):
-        mgr.save(20, model, optimizer, {"loop": {}}, best_step=None)
+        mgr.save(20)
     s3.start()  # back, with its state: a rerun resumes from the last committed step
     assert manager(uri).latest() == 10
 
@@ -486,11 +504,11 @@ def _getattr_pickle(module: str, qualname: str, name: str) -> bytes:
 def test_an_enum_member_pickled_through_getattr_loads_to_that_member() -> None:
     from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
 
-    from trainer.checkpoint import _MetadataUnpickler
+    from trainer.checkpoint.integrity import MetadataUnpickler
 
     blob = _getattr_pickle("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING", "TORCH_CHANNELS_LAST")
     assert "builtins getattr" in _disassembly(blob)
-    assert _MetadataUnpickler(io.BytesIO(blob)).load() is _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST
+    assert MetadataUnpickler(io.BytesIO(blob)).load() is _MEM_FORMAT_ENCODING.TORCH_CHANNELS_LAST
 
 
 def test_a_whole_metadata_written_the_early_3_11_way_parses(
@@ -498,17 +516,17 @@ def test_a_whole_metadata_written_the_early_3_11_way_parses(
 ) -> None:
     from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
 
-    from trainer.checkpoint import _parse_metadata
+    from trainer.checkpoint.integrity import parse_metadata
 
     save_steps(manager(f"file://{tmp_path}"), [1])
-    genuine = _parse_metadata((tmp_path / "step-00000001" / ".metadata").read_bytes())
+    genuine = parse_metadata((tmp_path / "step-00000001" / ".metadata").read_bytes())
     monkeypatch.setattr(
         _MEM_FORMAT_ENCODING, "__reduce_ex__", lambda self, protocol: (getattr, (type(self), self.name))
     )
     blob = pickle.dumps(genuine)
     assert "'getattr'" in _disassembly(blob)  # protocol 4: STACK_GLOBAL of 'builtins', 'getattr'
     monkeypatch.undo()
-    parsed = _parse_metadata(blob)
+    parsed = parse_metadata(blob)
     assert parsed.state_dict_metadata.keys() == genuine.state_dict_metadata.keys()
     properties = {fqn: entry.properties for fqn, entry in parsed.state_dict_metadata.items()}
     assert properties == {fqn: entry.properties for fqn, entry in genuine.state_dict_metadata.items()}
@@ -526,10 +544,10 @@ def test_a_whole_metadata_written_the_early_3_11_way_parses(
     ],
 )
 def test_getattr_on_anything_but_an_allowed_enum_member_is_refused(module: str, qualname: str, name: str) -> None:
-    from trainer.checkpoint import _MetadataUnpickler
+    from trainer.checkpoint.integrity import MetadataUnpickler
 
     with pytest.raises(pickle.UnpicklingError, match="not allowed"):
-        _MetadataUnpickler(io.BytesIO(_getattr_pickle(module, qualname, name))).load()
+        MetadataUnpickler(io.BytesIO(_getattr_pickle(module, qualname, name))).load()
 
 
 def _disassembly(blob: bytes) -> str:

@@ -101,9 +101,10 @@ def committed_steps(directory: Path) -> list[int]:
 
 def latest(uri: str) -> int | None:
     """What a new run would resume from (``latest()`` does not look at config hash or dataset)."""
+    model = torch.nn.Linear(1, 1)
     return CheckpointManager(
-        uri, CTX, config_hash="-", dataset_version="-", keep_last=2, keep_best=True, async_save=False,
-        allow_mismatch=True,
+        uri, CTX, model=model, optimizer=torch.optim.SGD(model.parameters()), config_hash="-",
+        dataset_version="-", async_save=False, allow_mismatch=True,
     ).latest()  # fmt: skip
 
 

@@ -397,6 +397,7 @@ def _utc(timestamp: Any) -> str:
 
 
 def _storage_error(uri: str, exc: BaseException) -> TrainerError:
-    from trainer.checkpoint import _storage_error as classify  # one owner for full/read-only/transient
+    # One owner for full / read-only / transient.
+    from trainer.checkpoint.storage_errors import storage_error as classify
 
     return classify(uri, exc)

@@ -121,6 +121,16 @@ class LoopState:
         data["interval"] = Interval(**data.get("interval", {}))
         return cls(**data)
 
+    def state_dict(self) -> dict[str, Any]:
+        """This state as JSON-able data (what the checkpoint's ``trainer_state.json`` holds under ``loop``)."""
+        return asdict(self)
+
+    def load_state_dict(self, data: dict[str, Any]) -> None:
+        """Become the state ``data`` describes (in place: the checkpoint manager holds this object)."""
+        restored = LoopState.from_json(data)
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(restored, name))
+
 
 def seed_everything(seed: int, deterministic: bool) -> None:
     """Seed python, numpy and torch; optionally force deterministic kernels."""
@@ -179,21 +189,31 @@ class Trainer:
         self.step_scheduler = self.scheduler if cfg.scheduler.name == "warmup_cosine" else None
         self.params = list(self.model.parameters())
         self.on_accelerator = ctx.device.type != "cpu"
+        self.tracker = Tracker(cfg.tracking, enabled=ctx.is_main)
+        self.state = LoopState(
+            early_stop=Monitor(mode=cfg.early_stopping.mode, min_delta=cfg.early_stopping.min_delta),
+            loss_plateau=Monitor(mode="min"),
+        )
+        # What a checkpoint holds, registered once: the sampler's position is the loop state's
+        # (epoch, step_in_epoch), and the manager adds every rank's RNG streams itself.
+        states: dict[str, Any] = {"loop": self.state}
+        if self.scheduler is not None:
+            states["scheduler"] = self.scheduler
         self.checkpoints = CheckpointManager(
             cfg.checkpoint.uri,
             ctx,
+            model=self.model,
+            optimizer=self.optimizer,
+            states=states,
             config_hash=self.config_hash,
             dataset_version=self.snapshot.dataset_version,
             keep_last=cfg.checkpoint.keep_last,
             keep_best=cfg.checkpoint.keep_best,
             async_save=cfg.checkpoint.async_save,
             allow_mismatch=cfg.checkpoint.allow_mismatch,
+            resume=cfg.checkpoint.resume,
         )
-        self.tracker = Tracker(cfg.tracking, enabled=ctx.is_main)
-        self.state = LoopState(
-            early_stop=Monitor(mode=cfg.early_stopping.mode, min_delta=cfg.early_stopping.min_delta),
-            loss_plateau=Monitor(mode="min"),
-        )
+        self._checkpointed_step: int | None = None  # the global step of the last save (or resume)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if ctx.device.type == "cuda" and cfg.train.bf16_autocast
@@ -234,15 +254,13 @@ class Trainer:
         return self._finish()
 
     def _resume(self) -> None:
-        step = self.checkpoints.latest() if self.cfg.checkpoint.resume else None
+        # Restores model, optimizer, scheduler, loop state and RNG from the latest valid checkpoint, and
+        # removes anything newer (an orphan or corrupt, and it would be rewritten anyway).
+        step = self.checkpoints.load()
         if step is not None:
-            saved = self.checkpoints.load(step, self.model, self.optimizer)
-            self.state = LoopState.from_json(saved["loop"])
-            if self.scheduler is not None and saved.get("scheduler") is not None:
-                self.scheduler.load_state_dict(saved["scheduler"])
             if self.ctx.is_main:  # the other ranks' share of the interval's loss is in rank 0's sums
                 self.interval = replace(self.state.interval)
-            self._resumed_from = step
+            self._resumed_from = self._checkpointed_step = step
             state = self.state
             where = (
                 f"after epoch {state.epoch}, step {step}"
@@ -251,8 +269,6 @@ class Trainer:
                 f"{state.step_in_epoch} of its {self.sampler.steps_per_epoch} steps done"
             )
             log.info("resumed from %s (%s)", self.checkpoints.step_uri(step), where)
-        # Anything newer than the resume point is an orphan or corrupt, and would be rewritten anyway.
-        self.checkpoints.discard_after(step)
 
     def _start_tracking(self) -> None:
         self.state.mlflow_run_id = self.tracker.start(self.state.mlflow_run_id or self.lease.run_id)
@@ -449,21 +465,15 @@ class Trainer:
         epoch_loss.sum, epoch_loss.count = 0.0, 0
 
     def _save(self) -> None:
-        if self.checkpoints.last_saved_step == self.state.global_step:
+        if self._checkpointed_step == self.state.global_step:
             return
         self.lease.check()  # a trainer that lost the directory to another writes nothing more there
         totals = distributed.all_reduce_sum(
             torch.tensor([self.interval.loss_sum, self.interval.samples], dtype=torch.float64)
         )
         self.state.interval = replace(self.interval, loss_sum=float(totals[0]), samples=int(totals[1]))
-        trainer_state = {
-            "loop": asdict(self.state),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "config_hash": self.config_hash,
-        }
-        self.checkpoints.save(
-            self.state.global_step, self.model, self.optimizer, trainer_state, self.state.best_step
-        )
+        self.checkpoints.save(self.state.global_step, best_step=self.state.best_step)
+        self._checkpointed_step = self.state.global_step
         self.tracker.flush()
 
     def _check_loss_plateau(self, val_loss: float) -> None:
@@ -502,7 +512,7 @@ class Trainer:
         state = self.state
         if state.best_step is None:
             raise DivergenceError("training ended before any validation; no model to export")
-        self.checkpoints.load_model(state.best_step, self.model)
+        self.checkpoints.load_model(state.best_step)
         test = self.evaluate(self.snapshot.test, "test")
         model_uri = None
         if self.ctx.is_main:
