@@ -144,19 +144,33 @@ def train_run(sizes: Sizes, uri: str | None) -> tuple[list[float], float]:
     x, y = synthetic(sizes.steps_per_epoch * sizes.batch, sizes.features)
     generator = torch.Generator().manual_seed(SEED)
     times, step = [], 0
-    for _ in range(sizes.epochs):
+    for epoch in range(sizes.epochs):
         started = time.perf_counter()
         order = torch.randperm(len(x), generator=generator)
         for idx in order.split(sizes.batch):
             train_step(model, optimizer, x[idx], y[idx])
             step += 1
         if manager is not None:
+            manager.states["loop"].load_state_dict({"epoch": epoch + 1})
             manager.save(step, best_step=step)
         times.append(time.perf_counter() - started)
     blocked = manager.blocked_s if manager is not None else 0.0
     if manager is not None:
         manager.close()
     return times, blocked
+
+
+class LoopCounters:
+    """The JSON state a bench checkpoint carries beside the tensors (the trainer's is its LoopState)."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = state["epoch"]
 
 
 def new_manager(
@@ -168,6 +182,7 @@ def new_manager(
         CTX,
         model=model,
         optimizer=optimizer,
+        states={"loop": LoopCounters()},
         config_hash="bench",
         dataset_version="synthetic",
         keep_last=2,
