@@ -124,7 +124,6 @@ def test_champion_registered_once_with_lineage(trained):
 
 def test_champion_reproduces_logged_test_auc(trained):
     import mlflow.pyfunc
-    import numpy as np
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
@@ -139,7 +138,9 @@ def test_champion_reproduces_logged_test_auc(trained):
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")
-    scores = np.asarray(model.predict(test[manifest["feature_columns"]].astype("float32"))).reshape(-1)
+    served = model.predict(test[manifest["feature_columns"]])
+    assert list(served.columns) == ["score"]  # the registered model answers with a named column
+    scores = served["score"].to_numpy()
     assert roc_auc_score(test["label"], scores) == pytest.approx(logged, abs=1e-6)
     assert logged > 0.80
 
