@@ -169,8 +169,10 @@ def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split:
     """Every metric of ``definition`` (its primary and report metrics) for a loaded pyfunc ``model`` on
     ``split`` of the snapshot, as ``{split}_{metric}``, plus ``{split}_rows``.
 
-    The served output is what a caller gets: the probability of class 1 (binary), one probability per
-    class (multiclass) or the value (regression); the metrics are computed from it.
+    ``model`` is what :func:`load_model` returns, the pt2 program: its outputs are the served values
+    (the served model only names them ``score``, ``class_<k>`` or ``prediction``): the probability of
+    class 1 (binary), one probability per class in class order (multiclass) or the value (regression);
+    the metrics are computed from them.
     """
     import numpy as np
 
