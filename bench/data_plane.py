@@ -92,7 +92,7 @@ def merge_asof_join(data: Path):
     import pandas as pd
     import pyarrow.dataset as ds
 
-    from ctrain import datagen
+    from ctrain_examples import fraud
 
     tx = (
         ds.dataset(data / "transactions", format="parquet", partitioning="hive")
@@ -102,8 +102,8 @@ def merge_asof_join(data: Path):
         .to_pandas()
     )
     tx = tx.sort_values("event_timestamp", kind="stable")
-    for table, key in [(datagen.CUSTOMER_STATS, "customer_id"), (datagen.MERCHANT_STATS, "merchant_id")]:
-        cols = [key, "event_timestamp", "created_timestamp", *datagen.FEATURE_TABLES[table]]
+    for table, key in [(fraud.CUSTOMER_STATS, "customer_id"), (fraud.MERCHANT_STATS, "merchant_id")]:
+        cols = [key, "event_timestamp", "created_timestamp", *fraud.FEATURE_TABLES[table]]
         feats = (
             ds.dataset(data / "features" / table, format="parquet", partitioning="hive")
             .to_table(columns=cols)
@@ -221,11 +221,11 @@ def _run_worker(*args: str) -> dict:
 
 
 def bench_size(n: int, root: Path, repeat: int) -> dict:
-    from ctrain import datagen
+    from ctrain_examples import fraud
 
     home = root / f"n{n}"
     t = time.perf_counter()
-    datagen.generate(
+    fraud.generate(
         home / "data",
         days=DAYS,
         rows_per_day=n // DAYS,

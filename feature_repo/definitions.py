@@ -3,7 +3,7 @@
 Declarations only: no data access, no side effects. Source paths come from the environment so the
 same repo serves the demo and a test's temporary data root:
 
-- ``CTRAIN_DATA_ROOT``: where ``python -m ctrain.datagen`` wrote the data (default ``$CTRAIN_HOME/data``)
+- ``CTRAIN_DATA_ROOT``: where ``python -m ctrain_examples.fraud`` wrote the data (default ``$CTRAIN_HOME/data``)
 - ``CTRAIN_HOME``: ctrain's state directory (default ``<checkout>/.ctrain``)
 
 Paths are resolved when the repo is applied and stored in the registry, so re-apply after changing them

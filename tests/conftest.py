@@ -39,9 +39,10 @@ def dp_settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def dp_generated(dp_settings: Settings) -> Settings:
     """A ctrain home with the tiny world generated and the feature repo applied (function scope: mutable)."""
-    from ctrain import datagen, features
+    from ctrain import features
+    from ctrain_examples import fraud
 
-    datagen.generate(dp_settings.resolved_data_root, days=DP_DAYS, start=DP_START, seed=0,
+    fraud.generate(dp_settings.resolved_data_root, days=DP_DAYS, start=DP_START, seed=0,
                      rows_per_day=DP_ROWS_PER_DAY, n_customers=300, n_merchants=40)
     features.apply_feature_repo(dp_settings)
     return dp_settings
@@ -50,10 +51,11 @@ def dp_generated(dp_settings: Settings) -> Settings:
 @pytest.fixture(scope="session")
 def dp_snapshot(tmp_path_factory: pytest.TempPathFactory):
     """(settings, SnapshotInfo) of the tiny world, built once per session. Read-only: do not mutate."""
-    from ctrain import datagen, features
+    from ctrain import features
+    from ctrain_examples import fraud
 
     settings = dp_settings_for(tmp_path_factory.mktemp("dp_snapshot") / "home")
-    datagen.generate(settings.resolved_data_root, days=DP_DAYS, start=DP_START, seed=0,
+    fraud.generate(settings.resolved_data_root, days=DP_DAYS, start=DP_START, seed=0,
                      rows_per_day=DP_ROWS_PER_DAY, n_customers=300, n_merchants=40)
     features.apply_feature_repo(settings)
     return settings, features.build_snapshot(settings, val_days=1, test_days=1)

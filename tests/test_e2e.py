@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import fsspec
 import pytest
 
-from ctrain import datagen
+from ctrain_examples import fraud
 from support import CANARIES, airflow_cli, files_under, leaks, make_env, mlflow_records
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ DAYS, START, ROWS_PER_DAY = 40, "2026-01-01", 1500
 def _prepare(home: Path) -> dict[str, str]:
     # Every credential a deployment hands ctrain is set, to a canary that must never be written anywhere.
     env = {**make_env(home), **CANARIES}
-    datagen.generate(home / "data", days=DAYS, start=START, rows_per_day=ROWS_PER_DAY, seed=0)
+    fraud.generate(home / "data", days=DAYS, start=START, rows_per_day=ROWS_PER_DAY, seed=0)
     migrated = airflow_cli(["db", "migrate"], env)
     assert migrated.returncode == 0, migrated.stdout[-3000:] + migrated.stderr[-3000:]
     return env
@@ -124,7 +124,6 @@ def test_champion_registered_once_with_lineage(trained):
 
 def test_champion_reproduces_logged_test_auc(trained):
     import mlflow.pyfunc
-    import numpy as np
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
@@ -139,7 +138,9 @@ def test_champion_reproduces_logged_test_auc(trained):
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")
-    scores = np.asarray(model.predict(test[manifest["feature_columns"]].astype("float32"))).reshape(-1)
+    served = model.predict(test[manifest["feature_columns"]])
+    assert list(served.columns) == ["score"]  # the registered model answers with a named column
+    scores = served["score"].to_numpy()
     assert roc_auc_score(test["label"], scores) == pytest.approx(logged, abs=1e-6)
     assert logged > 0.80
 
@@ -155,8 +156,8 @@ def test_bad_data_fails_validation_and_nothing_is_trained(tmp_path):
     from ctrain.settings import Settings
 
     settings = Settings(home=tmp_path)
-    day = datagen.list_partitions(settings.resolved_data_root, datagen.CUSTOMER_STATS)[DAYS // 2]
-    datagen.inject_nulls(settings.resolved_data_root, datagen.CUSTOMER_STATS, day, fraction=0.3)
+    day = fraud.list_partitions(settings.resolved_data_root, fraud.CUSTOMER_STATS)[DAYS // 2]
+    fraud.inject_nulls(settings.resolved_data_root, fraud.CUSTOMER_STATS, day, fraction=0.3)
 
     result = _run_dag(env)
     log = result.stdout + result.stderr
@@ -177,8 +178,8 @@ def test_online_store_serves_the_newest_offline_values(trained):
     from ctrain.features import get_online_features
 
     settings, *_ = trained
-    newest = datagen.list_partitions(settings.resolved_data_root, datagen.CUSTOMER_STATS)[-1]
-    offline = pd.read_parquet(datagen.partition_path(settings.resolved_data_root, datagen.CUSTOMER_STATS, newest))
+    newest = fraud.list_partitions(settings.resolved_data_root, fraud.CUSTOMER_STATS)[-1]
+    offline = pd.read_parquet(fraud.partition_path(settings.resolved_data_root, fraud.CUSTOMER_STATS, newest))
     row = offline.iloc[0]
     online = get_online_features(settings, [{"customer_id": int(row["customer_id"]), "merchant_id": 0}])
     assert online["customer_avg_amount_30d"][0] == pytest.approx(row["customer_avg_amount_30d"])

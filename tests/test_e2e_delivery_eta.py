@@ -82,8 +82,10 @@ def test_served_champion_reproduces_the_logged_test_rmse(trained):
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@champion")
-    predicted = np.asarray(model.predict(test[manifest["feature_columns"]].astype("float32")), dtype="float64")
-    rmse = float(np.sqrt(np.mean((predicted.reshape(-1) - test[DEFINITION.events.label_column].to_numpy()) ** 2)))
+    served = model.predict(test[manifest["feature_columns"]])
+    assert list(served.columns) == ["prediction"]  # the registered model answers with a named column
+    predicted = served["prediction"].to_numpy()
+    rmse = float(np.sqrt(np.mean((predicted - test[DEFINITION.events.label_column].to_numpy()) ** 2)))
     assert rmse == pytest.approx(logged, rel=1e-4)
 
 

@@ -14,15 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ctrain import datagen, features
+from ctrain import features
 from ctrain.errors import ConfigError, DataError
+from ctrain_examples import fraud
 
 CONTRACT_KEYS = {
     "dataset_version", "feature_service", "feature_service_hash", "feature_columns", "label_column",
     "id_column", "timestamp_column", "entity_columns", "entity_window", "splits", "source_partitions",
     "schema", "created_at",
 }
-FEATURES = ["amount", *datagen.FEATURE_TABLES["customer_stats"], *datagen.FEATURE_TABLES["merchant_stats"]]
+FEATURES = ["amount", *fraud.FEATURE_TABLES["customer_stats"], *fraud.FEATURE_TABLES["merchant_stats"]]
 
 
 def _local(uri: str) -> Path:
@@ -101,7 +102,7 @@ def test_version_is_a_content_hash_not_a_clock(dp_snapshot, dp_generated):
     _, info = dp_snapshot
     first = features.build_snapshot(dp_generated, val_days=1, test_days=1)
     assert first.created and first.dataset_version == info.dataset_version
-    datagen.append_day(dp_generated.resolved_data_root, "2026-01-07")
+    fraud.append_day(dp_generated.resolved_data_root, "2026-01-07")
     grown = features.build_snapshot(dp_generated, val_days=1, test_days=1)
     assert grown.created and grown.dataset_version != first.dataset_version
     assert grown.manifest["entity_window"]["end"] == "2026-01-07"
@@ -157,6 +158,8 @@ def test_unknown_service_and_bad_window_are_config_errors(dp_generated):
 
 def _write(path: Path, df: pd.DataFrame) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Landed timestamps are microseconds (ctrain.timestamps); pandas' own unit is nanoseconds.
+    df = df.astype({c: "datetime64[us, UTC]" for c in df.columns if isinstance(df[c].dtype, pd.DatetimeTZDtype)})
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
 
 
@@ -169,7 +172,7 @@ def _feature_rows(key: str, table: str, rows: list[tuple[int, str, str, float]])
     df = pd.DataFrame({key: [r[0] for r in rows],
                        "event_timestamp": [_ts(r[1]) for r in rows],
                        "created_timestamp": [_ts(r[2]) for r in rows]})
-    for col in datagen.FEATURE_TABLES[table]:
+    for col in fraud.FEATURE_TABLES[table]:
         df[col] = [float(r[3]) for r in rows]
     return df
 
@@ -187,7 +190,7 @@ def _craft(data_root: Path) -> None:
         (9, f"2026-01-0{d}", f"2026-01-0{d} 00:05", 0.01 * d) for d in range(1, 5)])
     for table, df in (("customer_stats", cust), ("merchant_stats", merch)):
         for day, part in df.groupby(df["event_timestamp"].dt.date):
-            _write(datagen.partition_path(data_root, table, day), part)
+            _write(fraud.partition_path(data_root, table, day), part)
     events = [  # (transaction_id, customer, event time)
         (1, 1, "2026-01-01 12:00"),                 # -> customer row of Jan 1 (1), not Jan 2 (2)
         (2, 1, "2026-01-01 23:59:59.999999"),       # 1 microsecond before the Jan 2 row: still 1
@@ -203,7 +206,7 @@ def _craft(data_root: Path) -> None:
                        "amount": 10.0, "label": [0, 1, 0, 0, 1, 0, 0, 1]})
     tx["event_timestamp"] = tx["event_timestamp"].astype("datetime64[us, UTC]")
     for day, part in tx.groupby(tx["event_timestamp"].dt.date):
-        _write(datagen.partition_path(data_root, "transactions", day), part)
+        _write(fraud.partition_path(data_root, "transactions", day), part)
 
 
 def test_point_in_time_join_with_crafted_rows(dp_settings):
@@ -231,7 +234,7 @@ def test_point_in_time_join_with_crafted_rows(dp_settings):
 
 
 def _tx_path(settings, day="2026-01-03") -> Path:
-    return datagen.partition_path(settings.resolved_data_root, "transactions", day)
+    return fraud.partition_path(settings.resolved_data_root, "transactions", day)
 
 
 def _rewrite(path: Path, fn) -> None:

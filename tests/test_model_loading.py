@@ -21,7 +21,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training_image"))
 
-WEIGHTS_CONFIG = "model/data/weights/model_weights_config.json"
+WEIGHTS_CONFIG = "model/data/weights/model_weights_config.json"  # a record inside the pt2 archive
+PROGRAM = "artifacts/program"  # the pt2 program inside the served model (trainer.export)
 
 
 class _Payload:
@@ -54,7 +55,7 @@ def exported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _rewrite_pt2(model_dir: Path, change: dict[str, bytes]) -> None:
-    archive = model_dir / "data" / "model.pt2"
+    archive = model_dir / PROGRAM / "data" / "model.pt2"
     with zipfile.ZipFile(archive) as old:
         records = {name: old.read(name) for name in old.namelist()}
     records.update(change)
@@ -65,7 +66,7 @@ def _rewrite_pt2(model_dir: Path, change: dict[str, bytes]) -> None:
 
 def _pickled_weight(model_dir: Path, marker: Path) -> None:
     """Mark ``model.0.weight`` as pickled and make its record a pickle that runs the payload."""
-    with zipfile.ZipFile(model_dir / "data" / "model.pt2") as archive:
+    with zipfile.ZipFile(model_dir / PROGRAM / "data" / "model.pt2") as archive:
         config = json.loads(archive.read(WEIGHTS_CONFIG))
     entry = config["config"]["model.0.weight"]
     entry["use_pickle"] = True
@@ -86,9 +87,10 @@ def _code_on_load(model_dir: Path, marker: Path) -> None:
 
 def _pickled_model(model_dir: Path, marker: Path) -> None:
     """A pickle-format model (model.pth) instead of the pt2 archive."""
-    (model_dir / "data" / "model.pt2").unlink()
-    (model_dir / "data" / "model.pth").write_bytes(pickle.dumps(_Payload(marker)))
-    (model_dir / "data" / "pickle_module_info.txt").write_text("mlflow.pytorch.pickle_module")
+    data = model_dir / PROGRAM / "data"
+    (data / "model.pt2").unlink()
+    (data / "model.pth").write_bytes(pickle.dumps(_Payload(marker)))
+    (data / "pickle_module_info.txt").write_text("mlflow.pytorch.pickle_module")
 
 
 def test_the_exported_model_loads_and_predicts(exported: Path) -> None:
@@ -101,6 +103,32 @@ def test_the_exported_model_loads_and_predicts(exported: Path) -> None:
     scores = np.asarray(model.predict(frame)).reshape(-1)
     assert scores.shape == (2,) and ((scores > 0) & (scores < 1)).all()
     assert "MLFLOW_ALLOW_PICKLE_DESERIALIZATION" not in os.environ  # restored after the load
+
+
+def test_the_serving_code_is_not_run_by_ctrain(exported: Path, tmp_path: Path) -> None:
+    """The served model's code (trainer.serving, copied into the model) is for whoever serves it; ctrain
+    scores the pt2 program beside it, so an edited copy runs nothing here."""
+    import pandas as pd
+
+    from ctrain.evaluation import load_model
+
+    marker = tmp_path / "serving-code-ran"
+    (exported / "serving.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    model = load_model(str(exported))
+    scores = np.asarray(model.predict(pd.DataFrame({"a": [0.0], "b": [0.5], "c": [1.0]}))).reshape(-1)
+    assert not marker.exists() and ((scores > 0) & (scores < 1)).all()
+
+
+def test_the_bare_program_of_an_earlier_export_loads(exported: Path) -> None:
+    """A model exported before the serving layer (the pt2 program alone) is still scored, so the champion
+    of an earlier release can be compared."""
+    import pandas as pd
+
+    from ctrain.evaluation import input_names, load_model
+
+    model = load_model(str(exported / PROGRAM))
+    assert input_names(model) == ["a", "b", "c"]
+    assert np.asarray(model.predict(pd.DataFrame({"a": [0.0], "b": [0.5], "c": [1.0]}))).shape == (1, 1)
 
 
 @pytest.mark.parametrize("craft", [_pickled_weight, _code_on_load, _pickled_model])

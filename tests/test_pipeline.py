@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from ctrain import datagen, lineage, pipeline, registry
+from ctrain import lineage, pipeline, registry
 from ctrain.errors import ConfigError, TrainingFailed
 from ctrain.settings import PROJECT_ROOT
+from ctrain_examples import fraud
 from support import pipeline_settings
 
 TOY_MODELS_DIR = PROJECT_ROOT / "training_image" / "tests"  # toy_models: test model factories
@@ -19,7 +20,7 @@ TOY_MODELS_DIR = PROJECT_ROOT / "training_image" / "tests"  # toy_models: test m
 def validated(tmp_path_factory):
     home = tmp_path_factory.mktemp("pipeline")
     settings = pipeline_settings(home, training__config=PROJECT_ROOT / "training_image" / "configs" / "debug.yaml")
-    datagen.generate(settings.resolved_data_root, days=30, start="2026-01-01", rows_per_day=800, seed=1)
+    fraud.generate(settings.resolved_data_root, days=30, start="2026-01-01", rows_per_day=800, seed=1)
     snapshot = pipeline.build_dataset(settings)
     return settings, snapshot, pipeline.validate(settings, snapshot)
 

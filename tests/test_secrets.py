@@ -32,8 +32,9 @@ def s3_pipeline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pyt
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from ctrain import datagen, pipeline
+    from ctrain import pipeline
     from ctrain.settings import get_settings
+    from ctrain_examples import fraud
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -52,7 +53,7 @@ def s3_pipeline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pyt
         monkeypatch.setenv(key, value)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ctrain")
     settings = get_settings()
-    datagen.generate(settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=400, seed=0)
+    fraud.generate(settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=400, seed=0)
     output: list[str] = []
     caplog.set_level(logging.INFO)  # what an Airflow task log records
     try:

@@ -11,7 +11,7 @@ import re
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
-from ctrain import datagen, pipeline
+from ctrain import pipeline
 from ctrain.errors import (
     ConfigError,
     DataError,
@@ -20,6 +20,7 @@ from ctrain.errors import (
     ValidationFailed,
     fail_fast,
 )
+from ctrain_examples import fraud
 from support import airflow_cli, make_env
 
 
@@ -60,7 +61,7 @@ def _nothing_written(settings) -> None:
 
 @pytest.fixture
 def landed(dp_settings):
-    datagen.generate(dp_settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=50, seed=0,
+    fraud.generate(dp_settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=50, seed=0,
                      n_customers=50, n_merchants=10)
     return dp_settings
 
@@ -83,7 +84,7 @@ def test_a_bad_window_is_refused_in_build_dataset_before_anything_is_written(lan
 def test_dag_run_with_start_after_end_fails_on_the_first_try(tmp_path):
     home = tmp_path / "home"
     env = make_env(home)
-    datagen.generate(home / "data", days=20, start="2026-01-01", rows_per_day=50, seed=0)
+    fraud.generate(home / "data", days=20, start="2026-01-01", rows_per_day=50, seed=0)
     migrated = airflow_cli(["db", "migrate"], env)
     assert migrated.returncode == 0, migrated.stderr[-3000:]
     run = airflow_cli(["dags", "test", "continuous_training__fraud", "-c",

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrain import datagen, features, validation
+from ctrain import features, validation
 from ctrain.definition import PROJECT_ROOT, load_file
 from ctrain.errors import ValidationFailed
+from ctrain_examples import fraud
 
 FRAUD = load_file(PROJECT_ROOT / "pipelines" / "fraud.yaml")
 SMALL = validation.suite_config(FRAUD)  # the fraud thresholds (1,000 rows, 100 per split) admit the tiny world
@@ -42,7 +43,7 @@ def test_clean_snapshot_passes_and_reports_are_written(dp_snapshot):
 
 
 def test_nulls_in_a_feature_partition_fail_the_gate_naming_the_expectation(dp_generated):
-    datagen.inject_nulls(dp_generated.resolved_data_root, datagen.CUSTOMER_STATS, "2026-01-03", 0.3,
+    fraud.inject_nulls(dp_generated.resolved_data_root, fraud.CUSTOMER_STATS, "2026-01-03", 0.3,
                          columns=["customer_chargeback_rate_90d"])
     info = features.build_snapshot(dp_generated, val_days=1, test_days=1)
     report = validation.validate_snapshot(info.uri, f"{dp_generated.resolved_object_root}/reports", SMALL)
@@ -84,7 +85,7 @@ DRIFT_CFG = SMALL
 @pytest.fixture(scope="module")
 def dp_drift_reference(tmp_path_factory, dp_make_settings):
     settings = dp_make_settings(tmp_path_factory.mktemp("dp_drift") / "home")
-    datagen.generate(settings.resolved_data_root, days=12, start="2026-01-01", **DRIFT_WORLD)
+    fraud.generate(settings.resolved_data_root, days=12, start="2026-01-01", **DRIFT_WORLD)
     features.apply_feature_repo(settings)
     return settings, features.build_snapshot(settings, val_days=3, test_days=3)
 
@@ -96,7 +97,7 @@ def _land_new_days(reference, settings, **knobs):
     ref_settings, ref = reference
     shutil.copytree(ref_settings.resolved_data_root, settings.resolved_data_root)
     for day in NEW_DAYS:
-        datagen.append_day(settings.resolved_data_root, day, **knobs)
+        fraud.append_day(settings.resolved_data_root, day, **knobs)
     features.apply_feature_repo(settings)
     snap = features.build_snapshot(settings, start="2026-01-04", val_days=3, test_days=3)
     report = validation.validate_snapshot(snap.uri, f"{settings.resolved_object_root}/reports", DRIFT_CFG,

@@ -75,7 +75,8 @@ class Events(_Section):
         "`{table}/date=YYYY-MM-DD/*.parquet`."
     )
     id_column: str = Field(description="Unique integer id of an event.")
-    timestamp_column: str = Field(description="UTC event time; the point-in-time join's as-of time.")
+    timestamp_column: str = Field(description="UTC event time (a UTC timestamp of any unit; cast to "
+                                  "`timestamp[us, tz=UTC]`); the point-in-time join's as-of time.")
     entity_columns: list[str] = Field(min_length=1, description="Join keys of the Feast entities.")
     label_column: str = Field(description="Target column.")
     event_features: list[str] = Field(
@@ -175,7 +176,9 @@ class PipelineDefinition(_Section):
     feature_service: str = Field(description="Feast FeatureService the model trains on (versioned, never edited).")
     feature_tables: list[str] = Field(
         default_factory=list,
-        description="Folders under the data root of the feature sources (recorded as the snapshot's lineage).",
+        description="Folders under the data root of the feature sources (recorded as the snapshot's lineage); "
+        "their timestamps must be `timestamp[us, tz=UTC]` (other units are refused: Feast's online store "
+        "cannot load them).",
     )
     events: Events = Field(description="The labelled events table.")
     task: Task = Field(description="Learning task.")

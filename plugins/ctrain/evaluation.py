@@ -23,23 +23,30 @@ def read_split(snapshot_uri: str, split: str):
         return pd.read_parquet(fh), manifest
 
 
-# What trainer.export logs, and so all a ctrain model may be: the pytorch flavor in pt2 form, served
-# through mlflow.pytorch's own loader, with no code and no pickle anywhere in it.
-_FLAVORS = {"python_function", "pytorch"}
+# What trainer.export logs, and so all a ctrain model may be: the served model (trainer.serving,
+# models-from-code) whose one artifact is the pt2 program, a pytorch-flavor model with no code and no
+# pickle anywhere in it. ctrain scores the program alone, through mlflow.pytorch's own loader: the serving
+# code is for whoever serves the model and never runs here. (A model exported before the serving layer,
+# the bare program, is still accepted, so a champion of an earlier release can be scored.)
+_SERVED_LOADER = "mlflow.pyfunc.loaders.code_model"
+_PROGRAM_FLAVORS = {"python_function", "pytorch"}
 _PICKLE_FILES = ("model.pth", "pickle_module_info.txt")
 
 
 def load_model(model_uri: str, tracking_uri: str | None = None):
-    """The MLflow model at ``model_uri`` as a pyfunc, refusing anything that could run code on load.
+    """The pt2 program of the MLflow model at ``model_uri`` as a pyfunc, refusing anything that could run
+    code on load.
 
     A model is a file in the artifact store, which whoever can write there or register a version
     controls; loading it must not execute what it contains. The model is downloaded once (so it cannot
     change between the check and the load) from the MLflow at ``tracking_uri`` (the settings' one, never
-    whatever the process's global MLflow state says), its ``MLmodel`` must be what ``trainer.export`` writes
-    (flavors python_function + pytorch, loader ``mlflow.pytorch``, no ``code``, a ``data/model.pt2``
-    and no pickled model file), and it is loaded with MLflow's pickle deserialization off, under which
-    MLflow admits a pt2 archive only if every record is JSON, text or accepted by
-    ``torch.load(weights_only=True)``.
+    whatever the process's global MLflow state says); it must be what ``trainer.export`` writes (the
+    served model, whose code is not run, over one ``program`` artifact), the program's ``MLmodel`` must
+    have flavors python_function + pytorch, loader ``mlflow.pytorch``, no ``code``, a ``data/model.pt2``
+    and no pickled model file anywhere, and it is loaded with MLflow's pickle deserialization off, under
+    which MLflow admits a pt2 archive only if every record is JSON, text or accepted by
+    ``torch.load(weights_only=True)``. The program's ``predict`` returns the served values unnamed, in the
+    served column order.
     """
     import tempfile
     from pathlib import Path
@@ -50,10 +57,10 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
 
     with tempfile.TemporaryDirectory(prefix="ctrain-model-") as tmp, _mlflow_at(tracking_uri):
         local = Path(download_artifacts(artifact_uri=model_uri, dst_path=tmp))
-        _check_exported_model(model_uri, local)
+        program = _checked_program(model_uri, local)
         with _pickle_deserialization_off():
             try:
-                return mlflow.pyfunc.load_model(str(local))
+                return mlflow.pyfunc.load_model(str(program))
             except MlflowException as exc:  # a pt2 record that is not pickle-free, or not a model at all
                 raise _refusal(model_uri, str(exc).splitlines()[0]) from None
 
@@ -89,31 +96,47 @@ def _refusal(model_uri: str, why: str):
     )
 
 
-def _check_exported_model(model_uri: str, local) -> None:
+def _flavors(model_uri: str, model_dir) -> dict:
     import yaml
 
+    try:
+        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise _refusal(model_uri, f"no readable MLmodel file ({type(exc).__name__})") from None
+    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
+    if not isinstance(flavors, dict) or not all(isinstance(f, dict) for f in flavors.values()):
+        raise _refusal(model_uri, f"its MLmodel has no flavors mapping ({flavors!r})")
+    return flavors
+
+
+def _checked_program(model_uri: str, local):
+    """The directory of the pt2 program inside the downloaded model ``local``, once both are checked."""
     def refuse(why: str):
         return _refusal(model_uri, why)
 
-    try:
-        mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise refuse(f"no readable MLmodel file ({type(exc).__name__})") from None
-    flavors = mlmodel.get("flavors") if isinstance(mlmodel, dict) else None
-    if not isinstance(flavors, dict) or set(flavors) != _FLAVORS:
-        raise refuse(f"flavors {sorted(flavors) if isinstance(flavors, dict) else flavors!r}, expected "
-                     f"{sorted(_FLAVORS)}")
-    pyfunc, pytorch = flavors["python_function"], flavors["pytorch"]
-    if not isinstance(pyfunc, dict) or pyfunc.get("loader_module") != "mlflow.pytorch":
-        raise refuse("its python_function flavor does not load through mlflow.pytorch")
-    if any(isinstance(f, dict) and f.get("code") for f in (pyfunc, pytorch)):
-        raise refuse("it ships code that would be imported on load")
-    data = local / str(pyfunc.get("data", "data"))
-    if not (data / "model.pt2").is_file():
-        raise refuse("it has no data/model.pt2 (a pickled model is not accepted)")
     pickled = [p.name for p in local.rglob("*") if p.name in _PICKLE_FILES]
     if pickled:
         raise refuse(f"it contains pickled files {sorted(pickled)}")
+    program = local
+    flavors = _flavors(model_uri, local)
+    if set(flavors) == {"python_function"} and flavors["python_function"].get("loader_module") == _SERVED_LOADER:
+        artifacts = flavors["python_function"].get("artifacts")
+        paths = [a.get("path") for a in artifacts.values() if isinstance(a, dict)] if isinstance(artifacts, dict) else []
+        program = (local / str(paths[0])).resolve() if len(paths) == 1 and paths[0] else None
+        if program is None or not program.is_relative_to(local.resolve()) or not program.is_dir():
+            raise refuse(f"its served model has artifacts {artifacts!r}, expected one pt2 program directory")
+        flavors = _flavors(model_uri, program)
+    if set(flavors) != _PROGRAM_FLAVORS:
+        raise refuse(f"flavors {sorted(flavors)}, expected {sorted(_PROGRAM_FLAVORS)} (or the served model "
+                     "over such a program)")
+    pyfunc, pytorch = flavors["python_function"], flavors["pytorch"]
+    if pyfunc.get("loader_module") != "mlflow.pytorch":
+        raise refuse("its python_function flavor does not load through mlflow.pytorch")
+    if any(f.get("code") for f in (pyfunc, pytorch)):
+        raise refuse("it ships code that would be imported on load")
+    if not (program / str(pyfunc.get("data", "data")) / "model.pt2").is_file():
+        raise refuse("it has no data/model.pt2 (a pickled model is not accepted)")
+    return program
 
 
 class _pickle_deserialization_off:
@@ -146,8 +169,10 @@ def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split:
     """Every metric of ``definition`` (its primary and report metrics) for a loaded pyfunc ``model`` on
     ``split`` of the snapshot, as ``{split}_{metric}``, plus ``{split}_rows``.
 
-    The served output is what a caller gets: the probability of class 1 (binary), one probability per
-    class (multiclass) or the value (regression); the metrics are computed from it.
+    ``model`` is what :func:`load_model` returns, the pt2 program: its outputs are the served values
+    (the served model only names them ``score``, ``class_<k>`` or ``prediction``): the probability of
+    class 1 (binary), one probability per class in class order (multiclass) or the value (regression);
+    the metrics are computed from them.
     """
     import numpy as np
 

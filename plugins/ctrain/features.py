@@ -648,13 +648,16 @@ def _join_chunk(store: FeatureStore, service: Any, events: pa.Table, schema: pa.
 def _feature_partitions(data_root: Path, tables: list[str], days: list[date],
                         lookback: timedelta) -> list[dict[str, Any]]:
     """Partitions of the feature-source ``tables`` that can have fed the window (its days plus the TTL
-    look-back)."""
+    look-back), each checked for the timestamp type (``ctrain.timestamps``)."""
+    from ctrain.timestamps import check_feature_file
+
     lo = days[0] - timedelta(days=lookback.days + 1)
     out = []
     for table in tables:
         for day in list_partitions(data_root, table):
             if lo <= day <= days[-1]:
                 for path in sorted(partition_dir(data_root, table, day).glob("*.parquet")):
+                    check_feature_file(path)
                     out.append({"table": table, "date": day.isoformat(),
                                 "path": str(path.relative_to(data_root)), "sha256": _sha256_file(path)})
     return out
@@ -713,6 +716,7 @@ def build_snapshot(
     with _feast_env(settings):
         service, fs_hash = feature_service_hash(store, settings.feature_service)
         ttl = max((store.get_feature_view(p.name).ttl or timedelta(0)) for p in service.feature_view_projections)
+        feature_partitions = _feature_partitions(data_root, definition.feature_tables, days, ttl)  # checked
         feature_columns = [*e.event_features,
                            *(f.name for p in service.feature_view_projections for f in p.features)]
         clash = sorted(set(feature_columns) & {e.id_column, e.timestamp_column, e.label_column, *e.entity_columns})
@@ -800,7 +804,7 @@ def build_snapshot(
         "duplicates_dropped": duplicates,
         "source_partitions": {
             "data_root": str(data_root),
-            "partitions": event_partitions + _feature_partitions(data_root, definition.feature_tables, days, ttl),
+            "partitions": event_partitions + feature_partitions,
         },
         "schema": {f.name: str(f.type) for f in schema},
         "feast_project": store.project,
@@ -824,11 +828,15 @@ def materialize_incremental(settings: Settings, end: datetime | None = None) -> 
     Feast keeps each view's materialized intervals in the registry, so repeated calls only load new rows.
     A view never materialized before is loaded from ``end - ttl`` (every row still valid at ``end``):
     Feast's own first interval starts at *now* - ttl, which would skip back-filled or replayed data.
-    Returns each view's intervals (ISO strings).
+    Returns each view's intervals (ISO strings). A landed feature file whose timestamps are not
+    ``timestamp[us, tz=UTC]`` is refused first (``ctrain.timestamps``).
     """
     end = end or datetime.now(UTC)
     if end.tzinfo is None:
         raise ConfigError(f"end={end!r}: pass a timezone-aware datetime (UTC)")
+    from ctrain.timestamps import check_feature_tables
+
+    check_feature_tables(Path(settings.resolved_data_root), settings.definition.feature_tables)
     store = feature_store(settings)
     with _feast_env(settings):
         # Only the views this pipeline's feature service reads: other pipelines' views share the Feast

@@ -67,13 +67,13 @@ def test_served_model_reproduces_logged_test_auc(finished: TrainerRun, snapshot_
     mlflow.set_tracking_uri(finished.tracking_uri)
     model = mlflow.pyfunc.load_model(result["model_uri"])
     test = pd.read_parquet(Path(snapshot_uri.removeprefix("file://")) / "test.parquet")
-    scores = model.predict(test[FEATURES])
-    scores = scores.iloc[:, 0] if isinstance(scores, pd.DataFrame) else scores
+    served = model.predict(test[FEATURES])
+    assert list(served.columns) == ["score"]  # a named column (trainer.serving)
+    scores = served["score"]
     assert ((scores >= 0) & (scores <= 1)).all()  # probabilities, not logits
     assert roc_auc_score(test["label"], scores) == pytest.approx(result["metrics"]["test_roc_auc"], abs=1e-6)
     # Columns are matched by name, so a reordered frame scores the same.
-    reordered = model.predict(test[FEATURES[::-1]])
-    reordered = reordered.iloc[:, 0] if isinstance(reordered, pd.DataFrame) else reordered
+    reordered = model.predict(test[FEATURES[::-1]])["score"]
     assert list(reordered) == pytest.approx(list(scores))
 
 

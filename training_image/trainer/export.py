@@ -1,9 +1,12 @@
-"""The final model as served: MLflow model (``pt2``, no pickle) plus safetensors weights.
+"""The final model as served: an MLflow model with named outputs over a pt2 program (no pickle), plus
+safetensors weights.
 
-The served module takes raw feature values ``(batch, num_features)`` float32 in manifest column order
-and returns the prediction (the probability of class 1 for the binary task): scaling and the output transform
-are part of the exported graph, so ``mlflow.pyfunc.load_model(uri).predict(df[feature_columns])``
-needs no preprocessing.
+``model/`` is ``trainer.serving`` logged as models-from-code: it takes a DataFrame with the feature
+columns and returns named columns (``score``, ``class_<k>`` or ``prediction``, see ``Task.output_columns``).
+Its artifact ``program`` is the exported graph, an MLflow pytorch model in ``pt2`` form: raw feature
+values ``(batch, num_features)`` in manifest column order in, the task's prediction out; scaling and the
+output transform are part of the graph, so neither needs preprocessing. ``ctrain.evaluation`` scores the
+program alone and never runs the serving code.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from typing import TYPE_CHECKING
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow import MlflowClient
-from mlflow.models import ModelSignature, set_signature
+from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.types.schema import AnyType
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -31,6 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT_PATH = "model"
+# The models-from-code file that serves the model, and the name of its artifact holding the pt2 program.
+SERVING_CODE = Path(__file__).with_name("serving.py")
+PROGRAM_ARTIFACT = "program"
 
 
 class ServingModel(nn.Module):
@@ -72,7 +80,11 @@ def check_exportable(model: nn.Module, task: Task, sample: Tensor, factory: str)
 
 
 def log_model(model: nn.Module, task: Task, feature_columns: list[str], example: np.ndarray) -> str:
-    """Log the serving model to the active MLflow run; return its ``runs:/<id>/model`` URI.
+    """Log the served model to the active MLflow run; return its ``runs:/<id>/model`` URI.
+
+    The MLflow model is ``trainer.serving`` (models-from-code, see there for the served contract) with
+    the pt2 program as its artifact ``program``; its input example is ``example`` as a DataFrame over
+    ``feature_columns``, the request ``mlflow models serve`` is checked to accept at log time.
 
     The run holds one logged model: one an earlier attempt left behind (``PENDING`` when it was killed
     inside ``log_model``, ``READY`` when it died before writing ``result.json``) is deleted first, so
@@ -83,32 +95,34 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
     if run is None:
         raise RuntimeError("log_model needs the tracker's active MLflow run")
     _delete_earlier_models(run.info.run_id, run.info.experiment_id)
-    serving = ServingModel(model, task).eval()
-    outputs_shape = (-1, task.num_classes) if task.type == "multiclass" and task.num_classes else (-1,)
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(feature_columns)))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), outputs_shape)]),
-    )
-    metadata = {"feature_columns": feature_columns, "task": task.type}
-    info = mlflow.pytorch.log_model(
-        serving,
-        name=MODEL_ARTIFACT_PATH,
-        serialization_format="pt2",
-        signature=signature,
-        input_example=np.ascontiguousarray(example, dtype=np.float32),
-        metadata=metadata,
-        # Pinned explicitly: requirement inference would reload the model in a subprocess.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-    )
-    # pt2 tracing needs a tensor signature; serving wants one over the named feature columns, so
-    # callers can pass a DataFrame (float32 or float64) and columns are matched by name, not position.
-    set_signature(
-        info.model_uri,
-        ModelSignature(
-            inputs=Schema([ColSpec("double", name) for name in feature_columns]), outputs=signature.outputs
-        ),
-    )
+    outputs = task.output_columns
+    metadata = {"feature_columns": feature_columns, "output_columns": outputs, "task": task.type}
+    # Pinned explicitly: requirement inference would reload the model in a subprocess.
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+    # The logged model exists (PENDING) before the program is traced, so an attempt killed while tracing
+    # leaves it behind for the rerun to delete, like one killed inside MLflow's own logging.
+    params = MlflowClient().get_run(run.info.run_id).data.params
+    logged = mlflow.initialize_logged_model(name=MODEL_ARTIFACT_PATH, source_run_id=run.info.run_id, params=params)
     with tempfile.TemporaryDirectory() as tmp:
+        program = Path(tmp) / PROGRAM_ARTIFACT
+        _save_program(ServingModel(model, task).eval(), task, feature_columns, example, program, requirements)
+        # Inputs are typed Any so the scoring server passes them through as sent: with "double" it would
+        # turn "2.5" and true into numbers; trainer.serving checks every value and casts ints itself.
+        signature = ModelSignature(
+            inputs=Schema([ColSpec(AnyType(), name) for name in feature_columns]),
+            outputs=Schema([ColSpec("double", name) for name in outputs]),
+        )
+        mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT_PATH,
+            model_id=logged.model_id,
+            python_model=str(SERVING_CODE),
+            artifacts={PROGRAM_ARTIFACT: str(program)},
+            model_config={"feature_columns": feature_columns, "output_columns": outputs, "program": PROGRAM_ARTIFACT},
+            signature=signature,
+            input_example=pd.DataFrame(np.asarray(example, dtype=np.float64), columns=feature_columns),
+            metadata=metadata,
+            pip_requirements=requirements,
+        )
         weights = Path(tmp) / "model.safetensors"
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         save_file(
@@ -116,6 +130,30 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
         )
         mlflow.log_artifact(str(weights), "weights")
     return f"runs:/{run.info.run_id}/{MODEL_ARTIFACT_PATH}"
+
+
+def _save_program(serving_model: ServingModel, task: Task, feature_columns: list[str], example: np.ndarray,
+                  path: Path, requirements: list[str]) -> None:
+    """Save the pt2 program (an MLflow pytorch model, no pickle) to ``path``."""
+    outputs_shape = (-1, task.num_classes) if task.type == "multiclass" and task.num_classes else (-1,)
+    outputs = Schema([TensorSpec(np.dtype(np.float32), outputs_shape)])
+    mlflow.pytorch.save_model(
+        serving_model,
+        str(path),
+        serialization_format="pt2",
+        signature=ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(feature_columns)))]), outputs=outputs
+        ),
+        input_example=np.ascontiguousarray(example, dtype=np.float32),
+        pip_requirements=requirements,
+    )
+    # pt2 tracing needs a tensor signature; the program is called with a DataFrame over the named
+    # feature columns (float32 or float64), matched by name, not position.
+    program = Model.load(str(path))
+    program.signature = ModelSignature(
+        inputs=Schema([ColSpec("double", name) for name in feature_columns]), outputs=outputs
+    )
+    program.save(str(path / "MLmodel"))
 
 
 def _delete_earlier_models(run_id: str, experiment_id: str) -> None:

@@ -49,6 +49,15 @@ class Task:
             return torch.softmax(output, dim=-1)
         return output.squeeze(-1)
 
+    @property
+    def output_columns(self) -> list[str]:
+        """Names of the served model's output columns (``trainer.serving``), one per ``predict`` output."""
+        if self.type == "binary":
+            return ["score"]
+        if self.type == "multiclass":
+            return [f"class_{k}" for k in range(self.num_classes or 0)]
+        return ["prediction"]
+
     def metrics(self) -> MetricCollection:
         """Metrics over predictions (not logits); names without the split prefix."""
         if self.type == "binary":

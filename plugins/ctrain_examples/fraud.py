@@ -19,9 +19,9 @@ does not depend on how many days were generated with it (``append_day`` lands th
 
 Run::
 
-    python -m ctrain.datagen --out .ctrain/data --days 60 --start 2026-01-01 --seed 0
-    python -m ctrain.datagen --out .ctrain/data --append 2026-03-02          # land one more day
-    python -m ctrain.datagen --out /tmp/bad --days 10 --corrupt-nulls 0.2 \\
+    python -m ctrain_examples.fraud --out .ctrain/data --days 60 --start 2026-01-01 --seed 0
+    python -m ctrain_examples.fraud --out .ctrain/data --append 2026-03-02          # land one more day
+    python -m ctrain_examples.fraud --out /tmp/bad --days 10 --corrupt-nulls 0.2 \\
         --corrupt-table customer_stats --corrupt-date 2026-01-05            # bad data for the GX gate
 
 Knobs for later scenarios: ``drift`` (gradual covariate shift), ``label_flip`` (label poisoning),
@@ -348,7 +348,7 @@ def load_params(out: str | Path) -> GenParams:
     """The arguments ``generate`` used for ``out`` (DataError if ``out`` was not generated here)."""
     path = Path(out) / PARAMS_FILE
     if not path.exists():
-        raise DataError(f"{path} not found: run generate() (python -m ctrain.datagen) for {out} first")
+        raise DataError(f"{path} not found: run generate() (python -m ctrain_examples.fraud) for {out} first")
     return GenParams(**json.loads(path.read_text()))
 
 
@@ -474,8 +474,8 @@ def list_partitions(out: str | Path, table: str = TRANSACTIONS) -> list[date]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ctrain.datagen``: see the module docstring."""
-    ap = argparse.ArgumentParser(prog="python -m ctrain.datagen", description=__doc__.split("\n\n")[0])
+    """``python -m ctrain_examples.fraud``: see the module docstring."""
+    ap = argparse.ArgumentParser(prog="python -m ctrain_examples.fraud", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output directory (the data root)")
     ap.add_argument("--days", type=int, default=60)
     ap.add_argument("--start", default="2026-01-01", help="first day, YYYY-MM-DD")
