@@ -60,22 +60,23 @@ def _settings(home: Path):
 def worker_build(home: Path, repeat: int) -> dict:
     import shutil
 
-    from ctrain import features
+    from ctrain import featurestore
+    from ctrain import snapshot as snapshots
 
     s = _settings(home)
-    features.apply_feature_repo(s)
+    featurestore.apply_feature_repo(s)
     # Warm-up on the first 3 days, as in a long-running worker: Feast imports its offline store lazily.
-    features.build_snapshot(s, end=(date(2026, 1, 3)), val_days=1, test_days=1)
+    snapshots.build_snapshot(s, end=(date(2026, 1, 3)), val_days=1, test_days=1)
     before = _rss_mb()
     times = []
     for _ in range(repeat):
         shutil.rmtree(home / "objects" / "datasets", ignore_errors=True)  # each run writes the snapshot
         t = time.perf_counter()
-        info = features.build_snapshot(s)
+        info = snapshots.build_snapshot(s)
         times.append(time.perf_counter() - t)
         assert info.created
     peak = _peak_mb() - before
-    _, frames = features.load_snapshot(info.uri, verify=False)
+    _, frames = snapshots.load_snapshot(info.uri)
     frame_mb = sum(f.memory_usage(deep=True).sum() for f in frames.values()) / 2**20
     return {
         "seconds": min(times),

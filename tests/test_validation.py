@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrain import datagen, features, validation
+from ctrain import datagen, featurestore, validation
+from ctrain import snapshot as snapshots
 from ctrain.definition import PROJECT_ROOT, load_file
 from ctrain.errors import ValidationFailed
 
@@ -44,7 +45,7 @@ def test_clean_snapshot_passes_and_reports_are_written(dp_snapshot):
 def test_nulls_in_a_feature_partition_fail_the_gate_naming_the_expectation(dp_generated):
     datagen.inject_nulls(dp_generated.resolved_data_root, datagen.CUSTOMER_STATS, "2026-01-03", 0.3,
                          columns=["customer_chargeback_rate_90d"])
-    info = features.build_snapshot(dp_generated, val_days=1, test_days=1)
+    info = snapshots.build_snapshot(dp_generated, val_days=1, test_days=1)
     report = validation.validate_snapshot(info.uri, f"{dp_generated.resolved_object_root}/reports", SMALL)
     assert not report.success
     assert len(report.failed) == 1
@@ -85,8 +86,8 @@ DRIFT_CFG = SMALL
 def dp_drift_reference(tmp_path_factory, dp_make_settings):
     settings = dp_make_settings(tmp_path_factory.mktemp("dp_drift") / "home")
     datagen.generate(settings.resolved_data_root, days=12, start="2026-01-01", **DRIFT_WORLD)
-    features.apply_feature_repo(settings)
-    return settings, features.build_snapshot(settings, val_days=3, test_days=3)
+    featurestore.apply_feature_repo(settings)
+    return settings, snapshots.build_snapshot(settings, val_days=3, test_days=3)
 
 
 def _land_new_days(reference, settings, **knobs):
@@ -97,8 +98,8 @@ def _land_new_days(reference, settings, **knobs):
     shutil.copytree(ref_settings.resolved_data_root, settings.resolved_data_root)
     for day in NEW_DAYS:
         datagen.append_day(settings.resolved_data_root, day, **knobs)
-    features.apply_feature_repo(settings)
-    snap = features.build_snapshot(settings, start="2026-01-04", val_days=3, test_days=3)
+    featurestore.apply_feature_repo(settings)
+    snap = snapshots.build_snapshot(settings, start="2026-01-04", val_days=3, test_days=3)
     report = validation.validate_snapshot(snap.uri, f"{settings.resolved_object_root}/reports", DRIFT_CFG,
                                           reference_uri=ref.uri)
     return snap, report
@@ -147,8 +148,8 @@ def test_poisoning_too_small_for_drift_is_stopped_by_governance_on_the_holdout(d
     snap, report = _land_new_days(dp_drift_reference, dp_settings, label_flip=0.02)
     assert report.success, report.failed  # too small for the gate
     cols = snap.manifest["feature_columns"]
-    _, ref_frames = features.load_snapshot(dp_drift_reference[1].uri)
-    _, new_frames = features.load_snapshot(snap.uri)
+    _, ref_frames = snapshots.load_snapshot(dp_drift_reference[1].uri)
+    _, new_frames = snapshots.load_snapshot(snap.uri)
 
     def fit(frame):
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(
@@ -211,8 +212,8 @@ def test_a_target_outside_its_range_fails_the_gate_naming_the_column(dp_eta_copy
     path = dp_eta_copy.resolved_data_root / "deliveries" / "date=2026-01-18" / "part-0.parquet"
     t = pq.read_table(path)
     pq.write_table(t.set_column(5, "minutes", pc.negate(t.column("minutes"))), path)  # a sign bug upstream
-    features.apply_feature_repo(dp_eta_copy)
-    info = features.build_snapshot(dp_eta_copy)
+    featurestore.apply_feature_repo(dp_eta_copy)
+    info = snapshots.build_snapshot(dp_eta_copy)
     report = validation.validate_snapshot(info.uri, f"{dp_eta_copy.resolved_object_root}/reports",
                                           validation.suite_config(dp_eta_copy.definition))
     assert not report.success

@@ -13,14 +13,11 @@ if TYPE_CHECKING:
 
 
 def read_split(snapshot_uri: str, split: str):
-    import pandas as pd
+    """One split of a snapshot (sha256-verified, :func:`ctrain.snapshot.read_frame`) and its manifest."""
+    from ctrain.snapshot import read_frame
 
-    from ctrain.features import open_fs, read_manifest
-
-    manifest = read_manifest(snapshot_uri)
-    fs, path = open_fs(f"{snapshot_uri}/{manifest['splits'][split]['file']}")
-    with fs.open(path, "rb") as fh:
-        return pd.read_parquet(fh), manifest
+    manifest, frame = read_frame(snapshot_uri, (split,))
+    return frame, manifest
 
 
 # What trainer.export logs, and so all a ctrain model may be: the pytorch flavor in pt2 form, served

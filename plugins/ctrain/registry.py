@@ -8,7 +8,6 @@ so a retried task never creates a second run or a second version for the same ru
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -164,13 +163,10 @@ class AuditRecord:
 
 def write_audit(settings: Settings, record: AuditRecord) -> str:
     """Write one audit record (never overwritten) and return its URI."""
-    uri = (f"{settings.resolved_object_root}/audit/{record.model}/"
-           f"{int(record.at * 1000):015d}-v{record.version}-{record.action}.json")
-    from ctrain.features import open_fs, write_bytes
+    from ctrain import layout, storage
 
-    fs, path = open_fs(uri, settings)
-    write_bytes(fs, path, json.dumps(asdict(record), indent=2, sort_keys=True).encode())
-    return uri
+    uri = layout.audit_uri(settings.resolved_object_root, record.model, record.at, record.version, record.action)
+    return storage.put_json(uri, asdict(record), settings)
 
 
 def promote(client: MlflowClient, settings: Settings, version: str, expected_champion: str | None,

@@ -31,7 +31,6 @@ A failed gate is not an exception here: the caller decides. ``report.raise_for_f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -362,26 +361,9 @@ def read_snapshot_frame(snapshot_uri: str, splits: tuple[str, ...] = ("train", "
 
     One Arrow -> pandas conversion of the concatenated files: a single consolidated frame, no copies.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from ctrain.snapshot import read_frame
 
-    from ctrain.errors import DataError
-    from ctrain.features import open_fs, read_manifest
-
-    manifest = read_manifest(snapshot_uri)
-    fs, path = open_fs(snapshot_uri)
-    tables = []
-    for split in splits:
-        meta = manifest["splits"][split]
-        with fs.open(f"{path.rstrip('/')}/{meta['file']}", "rb") as f:
-            data = f.read()
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise DataError(
-                f"{snapshot_uri}/{meta['file']}: sha256 does not match the manifest; the snapshot was "
-                "modified after it was written. Delete the snapshot directory and rebuild it."
-            )
-        tables.append(pq.read_table(pa.BufferReader(data), columns=columns))
-    return manifest, pa.concat_tables(tables).to_pandas()
+    return read_frame(snapshot_uri, splits, columns)
 
 
 def validate_snapshot(
@@ -399,7 +381,8 @@ def validate_snapshot(
     ``raise_for_failure()`` to stop a pipeline on failure. A snapshot (or reference) whose files do not
     match its manifest's sha256 raises DataError before any expectation runs.
     """
-    from ctrain.features import open_fs, read_manifest, write_bytes
+    from ctrain import layout, storage
+    from ctrain.snapshot import read_manifest
 
     manifest, snapshot = read_snapshot_frame(snapshot_uri)
     if config is None:
@@ -415,7 +398,7 @@ def validate_snapshot(
         reference = read_snapshot_frame(reference_uri, ("train",), wanted)[1]
     version = manifest["dataset_version"]
     result_id = f"{version}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
-    out_uri = f"{report_root.rstrip('/')}/validations/{version}/{result_id}"
+    out_uri = layout.validation_report_uri(report_root, version, result_id)
 
     with tempfile.TemporaryDirectory(prefix="ctrain-gx-") as docs_dir:
         results, failed, stats = run_suites(manifest, snapshot, cfg, docs_dir, reference)
@@ -431,12 +414,12 @@ def validate_snapshot(
             "suite_config": asdict(cfg),
             "results": {name: vr.to_json_dict() for name, vr in results.items()},
         }
-        fs, base = open_fs(out_uri)
         # Data Docs first, result.json last: a result.json means the whole report is there.
         for path in sorted(Path(docs_dir).rglob("*")):
             if path.is_file():
-                write_bytes(fs, f"{base}/data_docs/{path.relative_to(docs_dir).as_posix()}", path.read_bytes())
-        write_bytes(fs, f"{base}/result.json", json.dumps(body, indent=2, default=str).encode())
+                storage.put_bytes(storage.join(out_uri, "data_docs", path.relative_to(docs_dir).as_posix()),
+                                  path.read_bytes())
+        storage.put_bytes(storage.join(out_uri, "result.json"), json.dumps(body, indent=2, default=str).encode())
 
     report = ValidationReport(
         success=success, dataset_version=version, result_id=result_id, failed=failed, statistics=stats,
