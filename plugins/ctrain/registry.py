@@ -103,8 +103,7 @@ def register_challenger(client: MlflowClient, settings: Settings, run_id: str, m
         version = versions[0].version
         log.info("run %s is already registered as %s v%s", run_id, name, version)
     else:
-        source, model_id = _model_source(client, model_uri, run_id)
-        mv = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
+        mv = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=_model_id(model_uri),
                                          tags={k: str(v) for k, v in lineage.items()})
         version = mv.version
         _wait_ready(client, name, version)
@@ -112,22 +111,14 @@ def register_challenger(client: MlflowClient, settings: Settings, run_id: str, m
     return str(version)
 
 
-def _model_source(client: MlflowClient, model_uri: str, run_id: str) -> tuple[str, str | None]:
-    """The registry source and MLflow-3 logged-model id for ``model_uri`` (``models:/m-...`` or ``runs:/``)."""
-    if model_uri.startswith("models:/m-"):
-        return model_uri, model_uri.removeprefix("models:/").split("/")[0]
-    if model_uri.startswith("runs:/"):
-        # MLflow 3 stores a logged model outside the run's artifacts (and lists it there virtually), so
-        # the run's model outputs come first; a plain artifact directory with an MLmodel is the fallback.
-        outputs = client.get_run(run_id).outputs
-        model_ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
-        if len(model_ids) == 1:
-            return f"models:/{model_ids[0]}", model_ids[0]
-        artifact_path = model_uri.removeprefix(f"runs:/{run_id}/")
-        if not model_ids and any(f.path == f"{artifact_path}/MLmodel"
-                                 for f in client.list_artifacts(run_id, artifact_path)):
-            return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}", None
-    raise CtrainError(f"cannot resolve {model_uri} of run {run_id} to one MLflow model; pass models:/<model_id>")
+def _model_id(model_uri: str) -> str:
+    """The MLflow 3 logged-model id of ``model_uri``: the ``models:/m-<id>`` URI trainer.export returns
+    (result.json's ``model_uri``)."""
+    model_id = model_uri.removeprefix("models:/")
+    if not model_uri.startswith("models:/m-") or "/" in model_id:
+        raise CtrainError(f"model_uri {model_uri!r}: expected the logged model's models:/m-<id> URI that "
+                          "trainer.export returns (result.json's model_uri)")
+    return model_id
 
 
 def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float = 60) -> None:

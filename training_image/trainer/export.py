@@ -44,7 +44,7 @@ class ServingModel(nn.Module):
 
 
 def log_model(model: nn.Module, task: Task, feature_columns: list[str], example: np.ndarray) -> str:
-    """Log the serving model to the active MLflow run; return its ``runs:/<id>/model`` URI.
+    """Log the serving model to the active MLflow run; return its logged model's ``models:/m-<id>`` URI.
 
     The run holds one logged model: one an earlier attempt left behind (``PENDING`` when it was killed
     inside ``log_model``, ``READY`` when it died before writing ``result.json``) is deleted first, so
@@ -87,7 +87,7 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
             state, str(weights), metadata={"feature_columns": json.dumps(feature_columns), "task": task.type}
         )
         mlflow.log_artifact(str(weights), "weights")
-    return f"runs:/{run.info.run_id}/{MODEL_ARTIFACT_PATH}"
+    return info.model_uri
 
 
 def _delete_earlier_models(run_id: str, experiment_id: str) -> None:
