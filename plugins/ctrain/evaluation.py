@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ctrain.definition import PipelineDefinition
+    from ctrain.settings import Settings
 
 
 def read_split(snapshot_uri: str, split: str):
@@ -26,13 +27,14 @@ _FLAVORS = {"python_function", "pytorch"}
 _PICKLE_FILES = ("model.pth", "pickle_module_info.txt")
 
 
-def load_model(model_uri: str, tracking_uri: str | None = None):
+def load_model(model_uri: str, settings: Settings | None = None):
     """The MLflow model at ``model_uri`` as a pyfunc, refusing anything that could run code on load.
 
     A model is a file in the artifact store, which whoever can write there or register a version
     controls; loading it must not execute what it contains. The model is downloaded once (so it cannot
-    change between the check and the load) from the MLflow at ``tracking_uri`` (the settings' one, never
-    whatever the process's global MLflow state says), its ``MLmodel`` must be what ``trainer.export`` writes
+    change between the check and the load) from the settings' MLflow (:func:`ctrain.registry.mlflow_at`,
+    never whatever the process's global MLflow state says; without settings only a local path makes
+    sense), its ``MLmodel`` must be what ``trainer.export`` writes
     (flavors python_function + pytorch, loader ``mlflow.pytorch``, no ``code``, a ``data/model.pt2``
     and no pickled model file), and it is loaded with MLflow's pickle deserialization off, under which
     MLflow admits a pt2 archive only if every record is JSON, text or accepted by
@@ -45,7 +47,10 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    with tempfile.TemporaryDirectory(prefix="ctrain-model-") as tmp, _mlflow_at(tracking_uri):
+    from ctrain.registry import mlflow_at
+
+    at = mlflow_at(settings) if settings is not None else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="ctrain-model-") as tmp, at:
         local = Path(download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         _check_exported_model(model_uri, local)
         with _pickle_deserialization_off():
@@ -53,28 +58,6 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
                 return mlflow.pyfunc.load_model(str(local))
             except MlflowException as exc:  # a pt2 record that is not pickle-free, or not a model at all
                 raise _refusal(model_uri, str(exc).splitlines()[0]) from None
-
-
-@contextlib.contextmanager
-def _mlflow_at(tracking_uri: str | None):
-    """MLflow's global tracking and registry URI set to ``tracking_uri`` for the duration.
-
-    ``download_artifacts(tracking_uri=...)`` is not enough: for a ``runs:/`` URI of an MLflow 3 logged
-    model, MLflow looks the model up through the global client, whatever URI it was given.
-    """
-    if tracking_uri is None:
-        yield
-        return
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    saved = registry_utils._registry_uri
-    registry_utils.set_registry_uri(tracking_uri)
-    try:
-        with _use_tracking_uri(tracking_uri):
-            yield
-    finally:
-        registry_utils._registry_uri = saved
 
 
 def _refusal(model_uri: str, why: str):

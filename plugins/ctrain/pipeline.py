@@ -251,7 +251,7 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
 
     definition = settings.definition
     primary = definition.primary_test_metric
-    challenger = score_model(load_model(training["model_uri"], settings.resolved_tracking_uri), snapshot["uri"],
+    challenger = score_model(load_model(training["model_uri"], settings), snapshot["uri"],
                              definition)
     logged = training["metrics"].get(primary)
     if logged is not None and abs(challenger[primary] - logged) > _REPRODUCTION_TOLERANCE * max(1.0, abs(logged)):
@@ -265,7 +265,7 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
     if champion_version is not None:
         champion_uri = f"models:/{settings.model_name}/{champion_version}"
         features = read_manifest(snapshot["uri"])["feature_columns"]
-        champion_model = load_model(champion_uri, settings.resolved_tracking_uri)
+        champion_model = load_model(champion_uri, settings)
         if input_names(champion_model) == features:
             champion = score_model(champion_model, snapshot["uri"], definition)
         else:

@@ -8,6 +8,7 @@ so a retried task never creates a second run or a second version for the same ru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ctrain.errors import CtrainError, ServiceUnavailable, is_terminal
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from mlflow import MlflowClient
 
     from ctrain.settings import Settings
@@ -39,15 +42,37 @@ class TrainingRun:
 
 
 def get_client(settings: Settings) -> MlflowClient:
-    """A client on the settings' MLflow, which also becomes this process's global MLflow: some MLflow 3
-    calls (registering a logged model, resolving ``runs:/`` models) look things up through the global
-    client whatever client they were called on."""
+    """A client on the settings' MLflow (``CTRAIN_MLFLOW_TRACKING_URI``, else the embedded SQLite store),
+    which also becomes this process's global MLflow: some MLflow 3 calls (registering a logged model,
+    resolving ``models:/`` URIs) look things up through the global client whatever client they were called
+    on. Every ctrain step gets its MLflow from here or from :func:`mlflow_at`, never from
+    ``MLFLOW_TRACKING_URI``."""
     import mlflow
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_tracking_uri)
     return MlflowClient(tracking_uri=settings.resolved_tracking_uri, registry_uri=settings.resolved_tracking_uri)
+
+
+@contextlib.contextmanager
+def mlflow_at(settings: Settings) -> Iterator[None]:
+    """MLflow's global tracking and registry URI set to the settings' one for the duration, restored after.
+
+    For MLflow calls that take no client: ``download_artifacts(tracking_uri=...)`` is not enough, since
+    for a logged model MLflow looks the model up through the global client, whatever URI it was given.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    uri = settings.resolved_tracking_uri
+    saved = registry_utils._registry_uri
+    registry_utils.set_registry_uri(uri)
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        registry_utils._registry_uri = saved
 
 
 def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
