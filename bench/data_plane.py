@@ -6,7 +6,7 @@
 For each size it generates a dataset (30 days, customers = events/50, merchants = events/1000), then, each in
 a fresh subprocess so peak memory is measured per case:
 
-- build:      ``ctrain.features.build_snapshot`` (entity checks, Feast duckdb point-in-time join in chunks,
+- build:      ``ctrain.snapshot.build_snapshot`` (entity checks, Feast duckdb point-in-time join in chunks,
               split, hashing, parquet + manifest writes), after ``apply_feature_repo``
 - merge_asof: the baseline, a pandas ``merge_asof`` point-in-time join on the same files (read, join each
               feature view backwards with the TTL as tolerance, sort); no checks, no writes

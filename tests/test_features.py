@@ -1,4 +1,5 @@
-"""The data plane (ctrain.landing, ctrain.featurestore, ctrain.snapshot): point-in-time-correct, content-addressed, immutable snapshots; bad inputs refused."""
+"""The data plane (ctrain.landing, ctrain.featurestore, ctrain.snapshot): point-in-time-correct,
+content-addressed, immutable snapshots; bad inputs refused."""
 
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
 
     The run holds one logged model: one an earlier attempt left behind (``PENDING`` when it was killed
     inside ``log_model``, ``READY`` when it died before writing ``result.json``) is deleted first, so
-    searches and ``runs:/<id>/model`` find only this one. (Logging into the earlier model instead is not
+    searches for the run's model find only this one. (Logging into the earlier model instead is not
     possible: MLflow links a run to a model output once.)
     """
     run = mlflow.active_run()
