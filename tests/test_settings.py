@@ -66,6 +66,8 @@ def test_every_ctrain_variable_the_repository_names_is_known() -> None:
     named: set[str] = set()
     for name in files:
         path = PROJECT_ROOT / name
+        if name == "tests/test_settings.py":  # this file's typos are deliberate
+            continue
         if path.suffix in {".py", ".sh", ".md", ".yaml", ".yml", ".example", ""} and path.is_file():
             named |= set(re.findall(r"\bCTRAIN_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="ignore")))
     # Prefixes in prose ("CTRAIN_*"), the test-hook prefix, and a fault-injection hook that is being removed.

@@ -171,7 +171,7 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
         "git_sha": lineage.git_sha(),
         "config_hash": config_hash,
     })
-    result = _read_result(output_uri)
+    result = _read_result(output_uri, RESULT_FILE, settings)
     if run.status == "FINISHED" and result is not None and result.succeeded:
         log.info("run key %s already trained (MLflow run %s); reusing its result", key, run.run_id)
         return {**result.to_dict(), "run_key": key, "reused": True}
