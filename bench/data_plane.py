@@ -185,8 +185,9 @@ def pandas_checks(manifest: dict, df, cfg) -> list[str]:
 def worker_gx(uri: str, repeat: int) -> dict:
     from ctrain import validation
     from ctrain.settings import Settings
+    from ctrain.snapshot import read_frame
 
-    manifest, snapshot = validation.read_snapshot_frame(uri)
+    manifest, snapshot = read_frame(uri)
     cfg = validation.suite_config(Settings(pipeline="fraud").definition)  # the data is the fraud example's
     with tempfile.TemporaryDirectory() as docs:  # warm-up: GX builds its metric registry on first use
         small = {**manifest, "splits": {s: {"rows": 1000} for s in ("train", "val", "test")}}

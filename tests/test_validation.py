@@ -227,7 +227,7 @@ def test_regression_drift_bins_the_target_like_a_feature(dp_eta_snapshot, tmp_pa
     """The newest split's target vs the reference's: quantile bins, like a feature; a slowdown is caught."""
     settings, info = dp_eta_snapshot
     cfg = validation.suite_config(settings.definition)
-    manifest, frame = validation.read_snapshot_frame(info.uri)
+    manifest, frame = snapshots.read_frame(info.uri)
     reference = frame.iloc[:manifest["splits"]["train"]["rows"]]
     (label_exp,) = [e for e in validation.drift_expectations(manifest, reference, cfg) if e.column == "minutes"]
     assert len(label_exp.partition_object["bins"]) == cfg.drift_bins + 1 and label_exp.threshold == cfg.max_label_kl

@@ -13,11 +13,11 @@ if TYPE_CHECKING:
     from ctrain.settings import Settings
 
 
-def read_split(snapshot_uri: str, split: str):
+def read_split(snapshot_uri: str, split: str, settings: Settings | None = None):
     """One split of a snapshot (sha256-verified, :func:`ctrain.snapshot.read_frame`) and its manifest."""
     from ctrain.snapshot import read_frame
 
-    manifest, frame = read_frame(snapshot_uri, (split,))
+    manifest, frame = read_frame(snapshot_uri, (split,), settings=settings)
     return frame, manifest
 
 
@@ -122,7 +122,8 @@ def input_names(model) -> list[str]:
     return list(schema.input_names()) if schema is not None else []
 
 
-def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split: str = "test") -> dict[str, float]:
+def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split: str = "test",
+                settings: Settings | None = None) -> dict[str, float]:
     """Every metric of ``definition`` (its primary and report metrics) for a loaded pyfunc ``model`` on
     ``split`` of the snapshot, as ``{split}_{metric}``, plus ``{split}_rows``.
 
@@ -131,7 +132,7 @@ def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split:
     """
     import numpy as np
 
-    frame, manifest = read_split(snapshot_uri, split)
+    frame, manifest = read_split(snapshot_uri, split, settings)
     features = frame[manifest["feature_columns"]].astype("float32")
     predictions = np.asarray(model.predict(features), dtype="float64")
     labels = frame[manifest["label_column"]].to_numpy()

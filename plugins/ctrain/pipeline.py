@@ -75,7 +75,7 @@ def validate(settings: Settings, snapshot: dict[str, Any]) -> dict[str, Any]:
     if reference:
         log.info("drift reference: the champion's training snapshot %s", reference)
     report = validate_snapshot(snapshot["uri"], report_root, suite_config(settings.definition),
-                               reference_uri=reference)
+                               reference_uri=reference, settings=settings)
     log.info("validation report: %s ; data docs: %s", report.report_uri, report.docs_uri)
     report.raise_for_failure()
     return {"success": report.success, "result_id": report.result_id, "report_uri": report.report_uri,
@@ -251,8 +251,8 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
 
     definition = settings.definition
     primary = definition.primary_test_metric
-    challenger = score_model(load_model(training["model_uri"], settings), snapshot["uri"],
-                             definition)
+    challenger = score_model(load_model(training["model_uri"], settings), snapshot["uri"], definition,
+                             settings=settings)
     logged = training["metrics"].get(primary)
     if logged is not None and abs(challenger[primary] - logged) > _REPRODUCTION_TOLERANCE * max(1.0, abs(logged)):
         raise CtrainError(
@@ -264,10 +264,10 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
     champion = None
     if champion_version is not None:
         champion_uri = f"models:/{settings.model_name}/{champion_version}"
-        features = read_manifest(snapshot["uri"])["feature_columns"]
+        features = read_manifest(snapshot["uri"], settings)["feature_columns"]
         champion_model = load_model(champion_uri, settings)
         if input_names(champion_model) == features:
-            champion = score_model(champion_model, snapshot["uri"], definition)
+            champion = score_model(champion_model, snapshot["uri"], definition, settings=settings)
         else:
             # A champion trained on another feature set cannot be scored on this snapshot; the policy then
             # judges the challenger on its floor alone, and the audit record says so.
