@@ -46,7 +46,8 @@ def describe_exit(code: int) -> str:
 
 class TrainerResult(BaseModel):
     """One record of ``result.json`` / ``failure.json``. A succeeded result carries the model and metrics;
-    a failed one the exit code and the error. Unknown keys are refused: a new field is added here."""
+    a failed one the exit code and the error. Every field is written (null where it does not apply);
+    unknown keys are refused when read: a new field is added here."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -80,7 +81,7 @@ class TrainerResult(BaseModel):
                    retryable=code == EXIT_RETRYABLE, mlflow_run_id=run_id, **fields)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        return self.model_dump(mode="json")
 
     def to_json(self) -> str:
         import json
