@@ -6,7 +6,7 @@
 For each size it generates a dataset (30 days, customers = events/50, merchants = events/1000), then, each in
 a fresh subprocess so peak memory is measured per case:
 
-- build:      ``ctrain.features.build_snapshot`` (entity checks, Feast duckdb point-in-time join in chunks,
+- build:      ``ctrain.snapshot.build_snapshot`` (entity checks, Feast duckdb point-in-time join in chunks,
               split, hashing, parquet + manifest writes), after ``apply_feature_repo``
 - merge_asof: the baseline, a pandas ``merge_asof`` point-in-time join on the same files (read, join each
               feature view backwards with the TTL as tolerance, sort); no checks, no writes
@@ -60,22 +60,23 @@ def _settings(home: Path):
 def worker_build(home: Path, repeat: int) -> dict:
     import shutil
 
-    from ctrain import features
+    from ctrain import featurestore
+    from ctrain import snapshot as snapshots
 
     s = _settings(home)
-    features.apply_feature_repo(s)
+    featurestore.apply_feature_repo(s)
     # Warm-up on the first 3 days, as in a long-running worker: Feast imports its offline store lazily.
-    features.build_snapshot(s, end=(date(2026, 1, 3)), val_days=1, test_days=1)
+    snapshots.build_snapshot(s, end=(date(2026, 1, 3)), val_days=1, test_days=1)
     before = _rss_mb()
     times = []
     for _ in range(repeat):
         shutil.rmtree(home / "objects" / "datasets", ignore_errors=True)  # each run writes the snapshot
         t = time.perf_counter()
-        info = features.build_snapshot(s)
+        info = snapshots.build_snapshot(s)
         times.append(time.perf_counter() - t)
         assert info.created
     peak = _peak_mb() - before
-    _, frames = features.load_snapshot(info.uri, verify=False)
+    _, frames = snapshots.load_snapshot(info.uri)
     frame_mb = sum(f.memory_usage(deep=True).sum() for f in frames.values()) / 2**20
     return {
         "seconds": min(times),
@@ -184,8 +185,9 @@ def pandas_checks(manifest: dict, df, cfg) -> list[str]:
 def worker_gx(uri: str, repeat: int) -> dict:
     from ctrain import validation
     from ctrain.settings import Settings
+    from ctrain.snapshot import read_frame
 
-    manifest, snapshot = validation.read_snapshot_frame(uri)
+    manifest, snapshot = read_frame(uri)
     cfg = validation.suite_config(Settings(pipeline="fraud").definition)  # the data is the fraud example's
     with tempfile.TemporaryDirectory() as docs:  # warm-up: GX builds its metric registry on first use
         small = {**manifest, "splits": {s: {"rows": 1000} for s in ("train", "val", "test")}}

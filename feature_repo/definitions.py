@@ -7,7 +7,7 @@ same repo serves the demo and a test's temporary data root:
 - ``CTRAIN_HOME``: ctrain's state directory (default ``<checkout>/.ctrain``)
 
 Paths are resolved when the repo is applied and stored in the registry, so re-apply after changing them
-(``ctrain.features.apply_feature_repo`` does this with the current settings).
+(``ctrain.featurestore.apply_feature_repo`` does this with the current settings).
 """
 
 import os

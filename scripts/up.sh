@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
-eval "$(.venv/bin/python -m ctrain.localenv)"  # exports; ui_host, airflow_url, mlflow_port, mlflow_url
+eval "$(.venv/bin/python -m ctrain.localenv)"  # exports; ui_host, airflow_url, mlflow_port, mlflow_url, up_timeout_s
 logs="$CTRAIN_HOME/logs"
 pids="$CTRAIN_HOME/pids"
 mkdir -p "$logs" "$pids"
@@ -57,7 +57,7 @@ sys.exit(0 if all(health.get(c, {}).get("status") == "healthy"
     && curl -fsS --max-time 5 "$mlflow_url/health" > /dev/null 2>&1
 }
 
-timeout_s="${CTRAIN_UP_TIMEOUT_S:-300}"
+timeout_s="$up_timeout_s"  # CTRAIN_UP_TIMEOUT_S, a setting (default 300)
 deadline=$((SECONDS + timeout_s))
 until healthy; do
   for name in "${components[@]}"; do

@@ -39,26 +39,27 @@ def dp_settings(tmp_path: Path) -> Settings:
 @pytest.fixture
 def dp_generated(dp_settings: Settings) -> Settings:
     """A ctrain home with the tiny world generated and the feature repo applied (function scope: mutable)."""
-    from ctrain import features
+    from ctrain import featurestore
     from ctrain_examples import fraud
 
     fraud.generate(dp_settings.resolved_data_root, days=DP_DAYS, start=DP_START, seed=0,
                      rows_per_day=DP_ROWS_PER_DAY, n_customers=300, n_merchants=40)
-    features.apply_feature_repo(dp_settings)
+    featurestore.apply_feature_repo(dp_settings)
     return dp_settings
 
 
 @pytest.fixture(scope="session")
 def dp_snapshot(tmp_path_factory: pytest.TempPathFactory):
     """(settings, SnapshotInfo) of the tiny world, built once per session. Read-only: do not mutate."""
-    from ctrain import features
+    from ctrain import featurestore
+    from ctrain import snapshot as snapshots
     from ctrain_examples import fraud
 
     settings = dp_settings_for(tmp_path_factory.mktemp("dp_snapshot") / "home")
     fraud.generate(settings.resolved_data_root, days=DP_DAYS, start=DP_START, seed=0,
                      rows_per_day=DP_ROWS_PER_DAY, n_customers=300, n_merchants=40)
-    features.apply_feature_repo(settings)
-    return settings, features.build_snapshot(settings, val_days=1, test_days=1)
+    featurestore.apply_feature_repo(settings)
+    return settings, snapshots.build_snapshot(settings, val_days=1, test_days=1)
 
 
 # The delivery-ETA example (a regression on other entities and columns): 20 days x 400 deliveries, enough
@@ -93,12 +94,13 @@ def dp_eta_snapshot(tmp_path_factory: pytest.TempPathFactory, dp_eta_world: Path
     """(settings, SnapshotInfo) of the delivery-ETA world through Feast, built once. Read-only."""
     import shutil
 
-    from ctrain import features
+    from ctrain import featurestore
+    from ctrain import snapshot as snapshots
 
     settings = dp_eta_settings_for(tmp_path_factory.mktemp("dp_eta_snapshot") / "home")
     shutil.copytree(dp_eta_world, settings.resolved_data_root)
-    features.apply_feature_repo(settings)
-    return settings, features.build_snapshot(settings)
+    featurestore.apply_feature_repo(settings)
+    return settings, snapshots.build_snapshot(settings)
 
 
 @pytest.fixture

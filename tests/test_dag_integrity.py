@@ -15,8 +15,8 @@ DEFINITIONS = sorted(load_all(Path(__file__).resolve().parents[1] / "pipelines")
 
 DAGS_DIR = Path(__file__).resolve().parents[1] / "dags"
 DAG_FILES = sorted(p for p in DAGS_DIR.glob("*.py") if p.name != "assets.py")
-HEAVY_MODULES = ("torch", "mlflow", "feast", "great_expectations", "pandas", "sklearn", "ctrain.features",
-                 "ctrain.validation", "ctrain.pipeline")
+HEAVY_MODULES = ("torch", "mlflow", "feast", "great_expectations", "pandas", "sklearn", "ctrain.featurestore",
+                 "ctrain.snapshot", "ctrain.validation", "ctrain.pipeline")
 
 
 @pytest.fixture(scope="module")

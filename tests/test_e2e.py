@@ -175,7 +175,7 @@ def test_bad_data_fails_validation_and_nothing_is_trained(tmp_path):
 def test_online_store_serves_the_newest_offline_values(trained):
     import pandas as pd
 
-    from ctrain.features import get_online_features
+    from ctrain.featurestore import get_online_features
 
     settings, *_ = trained
     newest = fraud.list_partitions(settings.resolved_data_root, fraud.CUSTOMER_STATS)[-1]

@@ -37,7 +37,7 @@ def _definition(task: dict, report: list[str]) -> PipelineDefinition:
 def _split(monkeypatch, labels) -> None:
     frame = pd.DataFrame({"x": np.arange(len(labels), dtype="int64"), "y": labels})
     manifest = {"feature_columns": ["x"], "label_column": "y"}
-    monkeypatch.setattr(evaluation, "read_split", lambda uri, split: (frame, manifest))
+    monkeypatch.setattr(evaluation, "read_split", lambda uri, split, settings=None: (frame, manifest))
 
 
 def test_regression_metrics(monkeypatch):

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ctrain import features
+from ctrain import featurestore
 from ctrain.definition import PROJECT_ROOT, load_file
 from ctrain.errors import DataError
 from ctrain.settings import Settings
@@ -143,8 +143,8 @@ def test_the_definition_thresholds_hold_on_generated_data(world: Path) -> None:
 def test_feast_serves_the_days_aggregates_point_in_time(world: Path, tmp_path: Path) -> None:
     home = tmp_path / "home"
     settings = Settings(home=home, data_root=str(world), object_root=f"file://{home / 'objects'}")
-    features.apply_feature_repo(settings)
-    store = features.feature_store(settings)
+    featurestore.apply_feature_repo(settings)
+    store = featurestore.feature_store(settings)
     assert {s.name for s in store.list_feature_services()} >= {"fraud_model_v1", DEFINITION.feature_service}
     service = store.get_feature_service(DEFINITION.feature_service)
     assert [f.name for p in service.feature_view_projections for f in p.features] == [

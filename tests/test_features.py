@@ -1,4 +1,5 @@
-"""ctrain.features: point-in-time-correct, content-addressed, immutable snapshots; bad inputs refused."""
+"""The data plane (ctrain.landing, ctrain.featurestore, ctrain.snapshot): point-in-time-correct,
+content-addressed, immutable snapshots; bad inputs refused."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ctrain import features
+from ctrain import featurestore, landing, layout, storage
+from ctrain import snapshot as snapshots
 from ctrain.errors import ConfigError, DataError
 from ctrain_examples import fraud
 
@@ -31,7 +33,7 @@ def _local(uri: str) -> Path:
 
 
 def _all_rows(uri: str) -> pd.DataFrame:
-    _, frames = features.load_snapshot(uri)
+    _, frames = snapshots.load_snapshot(uri)
     return pd.concat(frames.values(), ignore_index=True)
 
 
@@ -64,7 +66,7 @@ def test_snapshot_matches_the_contract_and_its_hashes(dp_snapshot):
 
 def test_splits_are_time_ordered_and_typed(dp_snapshot):
     _, info = dp_snapshot
-    _, frames = features.load_snapshot(info.uri)
+    _, frames = snapshots.load_snapshot(info.uri)
     assert frames["train"]["event_timestamp"].max() < frames["val"]["event_timestamp"].min()
     assert frames["val"]["event_timestamp"].max() < frames["test"]["event_timestamp"].min()
     df = pd.concat(frames.values())
@@ -91,7 +93,7 @@ def test_building_again_writes_nothing_and_returns_the_same_version(dp_snapshot)
     settings, info = dp_snapshot
     root = _local(info.uri)
     before = {p.name: p.stat().st_mtime_ns for p in root.iterdir()}
-    again = features.build_snapshot(settings, val_days=1, test_days=1)
+    again = snapshots.build_snapshot(settings, val_days=1, test_days=1)
     assert not again.created
     assert again.dataset_version == info.dataset_version and again.manifest == info.manifest
     assert {p.name: p.stat().st_mtime_ns for p in root.iterdir()} == before
@@ -100,21 +102,21 @@ def test_building_again_writes_nothing_and_returns_the_same_version(dp_snapshot)
 def test_version_is_a_content_hash_not_a_clock(dp_snapshot, dp_generated):
     """A fresh home with the same data gets the same version; new data gets a new one, the old stays."""
     _, info = dp_snapshot
-    first = features.build_snapshot(dp_generated, val_days=1, test_days=1)
+    first = snapshots.build_snapshot(dp_generated, val_days=1, test_days=1)
     assert first.created and first.dataset_version == info.dataset_version
     fraud.append_day(dp_generated.resolved_data_root, "2026-01-07")
-    grown = features.build_snapshot(dp_generated, val_days=1, test_days=1)
+    grown = snapshots.build_snapshot(dp_generated, val_days=1, test_days=1)
     assert grown.created and grown.dataset_version != first.dataset_version
     assert grown.manifest["entity_window"]["end"] == "2026-01-07"
-    assert features.read_manifest(first.uri) == first.manifest
-    windowed = features.build_snapshot(dp_generated, end="2026-01-06", val_days=1, test_days=1)
+    assert snapshots.read_manifest(first.uri) == first.manifest
+    windowed = snapshots.build_snapshot(dp_generated, end="2026-01-06", val_days=1, test_days=1)
     assert windowed.dataset_version == first.dataset_version and not windowed.created
 
 
 def test_chunked_join_gives_the_same_snapshot(dp_snapshot, dp_generated):
     """The Feast join runs in chunks of events; chunks that straddle split boundaries change nothing."""
     _, info = dp_snapshot
-    chunked = features.build_snapshot(dp_generated, val_days=1, test_days=1, chunk_rows=257)
+    chunked = snapshots.build_snapshot(dp_generated, val_days=1, test_days=1, chunk_rows=257)
     assert chunked.created and chunked.dataset_version == info.dataset_version
     # (file bytes differ: one parquet row group per chunk; the version hashes the content, not the bytes)
     for split in ("train", "val", "test"):
@@ -124,13 +126,13 @@ def test_chunked_join_gives_the_same_snapshot(dp_snapshot, dp_generated):
 
 
 def test_apply_is_idempotent(dp_generated):
-    store = features.feature_store(dp_generated)
+    store = featurestore.feature_store(dp_generated)
     # The repo declares every pipeline's objects in one Feast project; the fraud ones are among them.
     assert {"customer_stats", "merchant_stats"} <= {fv.name for fv in store.list_feature_views()}
-    _, first_hash = features.feature_service_hash(store, "fraud_model_v1")
-    features.apply_feature_repo(dp_generated)
-    store = features.feature_store(dp_generated)
-    assert features.feature_service_hash(store, "fraud_model_v1")[1] == first_hash
+    _, first_hash = featurestore.feature_service_hash(store, "fraud_model_v1")
+    featurestore.apply_feature_repo(dp_generated)
+    store = featurestore.feature_store(dp_generated)
+    assert featurestore.feature_service_hash(store, "fraud_model_v1")[1] == first_hash
     assert {"customer", "merchant"} <= {e.name for e in store.list_entities()}
     assert (dp_generated.home / "feast" / "registry.db").is_file()
     assert not list(Path(dp_generated.feature_repo).glob("*.db"))  # state never lands in the repo
@@ -143,13 +145,13 @@ def _with_definition(settings, **changes):
 
 def test_unknown_service_and_bad_window_are_config_errors(dp_generated):
     with pytest.raises(ConfigError, match="need more than"):
-        features.build_snapshot(dp_generated, val_days=3, test_days=3)
+        snapshots.build_snapshot(dp_generated, val_days=3, test_days=3)
     with pytest.raises(ConfigError, match="after end"):
-        features.build_snapshot(dp_generated, start="2026-01-05", end="2026-01-02")
+        snapshots.build_snapshot(dp_generated, start="2026-01-05", end="2026-01-02")
     with pytest.raises(ConfigError, match="chunk_rows=0"):
-        features.build_snapshot(dp_generated, val_days=1, test_days=1, chunk_rows=0)
+        snapshots.build_snapshot(dp_generated, val_days=1, test_days=1, chunk_rows=0)
     with pytest.raises(ConfigError, match="fraud_model_v9"):
-        features.build_snapshot(_with_definition(dp_generated, feature_service="fraud_model_v9"),
+        snapshots.build_snapshot(_with_definition(dp_generated, feature_service="fraud_model_v9"),
                                 val_days=1, test_days=1)
 
 
@@ -211,8 +213,8 @@ def _craft(data_root: Path) -> None:
 
 def test_point_in_time_join_with_crafted_rows(dp_settings):
     _craft(dp_settings.resolved_data_root)
-    features.apply_feature_repo(dp_settings)
-    info = features.build_snapshot(dp_settings, val_days=1, test_days=1)
+    featurestore.apply_feature_repo(dp_settings)
+    info = snapshots.build_snapshot(dp_settings, val_days=1, test_days=1)
     df = _all_rows(info.uri).set_index("transaction_id")
     got = df["customer_avg_amount_30d"].to_dict()
     assert got[1] == 1 and got[2] == 1 and got[3] == 2  # nothing from after the event
@@ -221,11 +223,11 @@ def test_point_in_time_join_with_crafted_rows(dp_settings):
     assert df.loc[[1, 3, 8], "merchant_fraud_rate_30d"].tolist() == [0.01, 0.02, 0.04]
     assert info.manifest["missing_features"] == {"handling": "fail", "rows": 1}
     # "drop" handling removes the expired row and is a different dataset version.
-    dropped = features.build_snapshot(dp_settings, val_days=1, test_days=1, missing_features="drop")
+    dropped = snapshots.build_snapshot(dp_settings, val_days=1, test_days=1, missing_features="drop")
     assert dropped.dataset_version != info.dataset_version
     assert 6 not in _all_rows(dropped.uri)["transaction_id"].tolist()
     # Chunks of 3 events (one ends right after the expired row) give the same snapshot.
-    again = features.build_snapshot(dp_settings, val_days=1, test_days=1, missing_features="drop", chunk_rows=3)
+    again = snapshots.build_snapshot(dp_settings, val_days=1, test_days=1, missing_features="drop", chunk_rows=3)
     assert again.dataset_version == dropped.dataset_version and not again.created
     assert dropped.manifest["rows"] == 7 and dropped.manifest["missing_features"]["rows"] == 1
 
@@ -267,7 +269,7 @@ def test_bad_transactions_partition_is_refused_and_nothing_written(dp_generated,
     path = _tx_path(dp_generated)
     _rewrite(path, corrupt)
     with pytest.raises(DataError, match=message) as err:
-        features.build_snapshot(dp_generated, val_days=1, test_days=1)
+        snapshots.build_snapshot(dp_generated, val_days=1, test_days=1)
     assert "date=2026-01-03" in str(err.value)
     _assert_nothing_written(dp_generated)
 
@@ -275,7 +277,7 @@ def test_bad_transactions_partition_is_refused_and_nothing_written(dp_generated,
 def test_same_partition_delivered_twice_is_deduplicated(dp_generated, dp_snapshot):
     path = _tx_path(dp_generated)
     shutil.copy(path, path.with_name("part-1.parquet"))  # the same file landed twice
-    info = features.build_snapshot(dp_generated, val_days=1, test_days=1)
+    info = snapshots.build_snapshot(dp_generated, val_days=1, test_days=1)
     assert info.manifest["duplicates_dropped"] == 300
     assert info.dataset_version == dp_snapshot[1].dataset_version  # same content, same version
 
@@ -286,25 +288,25 @@ def test_conflicting_duplicate_ids_are_refused(dp_generated):
     pq.write_table(t.set_column(4, "amount", pa.compute.add(t.column("amount"), 1.0)),
                    path.with_name("part-1.parquet"))
     with pytest.raises(DataError, match="transaction_id not unique"):
-        features.build_snapshot(dp_generated, val_days=1, test_days=1)
+        snapshots.build_snapshot(dp_generated, val_days=1, test_days=1)
     _assert_nothing_written(dp_generated)
 
 
 def test_no_data_is_a_clear_error(dp_settings):
-    features.apply_feature_repo(dp_settings)
+    featurestore.apply_feature_repo(dp_settings)
     with pytest.raises(DataError, match="no transactions partitions"):
-        features.build_snapshot(dp_settings)
+        snapshots.build_snapshot(dp_settings)
 
 
 def test_tampered_snapshot_is_detected(dp_generated):
-    info = features.build_snapshot(dp_generated, val_days=1, test_days=1)
+    info = snapshots.build_snapshot(dp_generated, val_days=1, test_days=1)
     test_file = _local(info.uri) / "test.parquet"
     test_file.write_bytes(test_file.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(DataError, match="sha256 does not match"):
-        features.load_snapshot(info.uri)
+        snapshots.load_snapshot(info.uri)
     (_local(info.uri) / "manifest.json").unlink()
     with pytest.raises(DataError, match="not a committed snapshot"):
-        features.read_manifest(info.uri)
+        snapshots.read_manifest(info.uri)
 
 
 # ----------------------------------------------------------------------------- online store
@@ -312,11 +314,11 @@ def test_tampered_snapshot_is_detected(dp_generated):
 
 def test_online_read_matches_the_offline_value(dp_generated):
     end = datetime(2026, 1, 6, 12, tzinfo=UTC)
-    intervals = features.materialize_incremental(dp_generated, end)
+    intervals = featurestore.materialize_incremental(dp_generated, end)
     assert intervals["customer_stats"][-1][1] == end.isoformat()
     rows = [{"customer_id": 5, "merchant_id": 3}, {"customer_id": 17, "merchant_id": 8}]
-    online = features.get_online_features(dp_generated, rows)
-    store = features.feature_store(dp_generated)
+    online = featurestore.get_online_features(dp_generated, rows)
+    store = featurestore.feature_store(dp_generated)
     offline = store.get_historical_features(
         entity_df=pd.DataFrame(rows).assign(event_timestamp=end),
         features=store.get_feature_service("fraud_model_v1"),
@@ -324,8 +326,8 @@ def test_online_read_matches_the_offline_value(dp_generated):
     for col in FEATURES[1:]:
         assert online[col] == pytest.approx(offline[col].tolist()), col
     # Incremental: re-apply keeps the state, the next run starts where the last one ended.
-    features.apply_feature_repo(dp_generated)
-    later = features.materialize_incremental(dp_generated, datetime(2026, 1, 7, tzinfo=UTC))
+    featurestore.apply_feature_repo(dp_generated)
+    later = featurestore.materialize_incremental(dp_generated, datetime(2026, 1, 7, tzinfo=UTC))
     assert later["customer_stats"][-1] == [end.isoformat(), "2026-01-07T00:00:00+00:00"]
     assert len(later["customer_stats"]) == len(intervals["customer_stats"]) + 1
     assert json.dumps(later)  # plain data, fit for XCom
@@ -343,7 +345,7 @@ def test_generic_modules_name_no_example_column():
 
     from ctrain import validation
 
-    for module in (features, validation):
+    for module in (landing, featurestore, snapshots, storage, layout, validation):
         source = inspect.getsource(module).lower()
         named = [w for w in ("transaction_id", "customer_id", "merchant_id", "amount", "fraud") if w in source]
         assert not named, f"{module.__name__} names {named}"
@@ -396,13 +398,13 @@ def test_a_broken_delivery_partition_is_refused_naming_file_and_column(dp_eta_co
     path = _eta_part(dp_eta_copy)
     _rewrite(path, corrupt)
     with pytest.raises(DataError, match=message) as err:
-        features.build_snapshot(dp_eta_copy)
+        snapshots.build_snapshot(dp_eta_copy)
     assert str(err.value).startswith(f"{path}:")
     _assert_nothing_written(dp_eta_copy)
 
 
 def test_the_events_table_comes_from_the_definition(dp_eta_copy):
     with pytest.raises(DataError, match="no deliveries partitions between"):
-        features.check_window(dp_eta_copy, start="2027-01-01")
-    assert features.list_partitions(dp_eta_copy.resolved_data_root, "deliveries")[-1].isoformat() == "2026-01-20"
-    assert features.list_partitions(dp_eta_copy.resolved_data_root, "transactions") == []
+        snapshots.check_window(dp_eta_copy, start="2027-01-01")
+    assert landing.list_partitions(dp_eta_copy.resolved_data_root, "deliveries")[-1].isoformat() == "2026-01-20"
+    assert landing.list_partitions(dp_eta_copy.resolved_data_root, "transactions") == []

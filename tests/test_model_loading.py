@@ -47,8 +47,10 @@ def exported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # An experiment with its own artifact location: the SQLite store's default one is ./mlruns in the cwd.
+    experiment = mlflow.create_experiment("exported", artifact_location=str(tmp_path / "artifacts"))
     torch.manual_seed(0)
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment):
         uri = log_model(torch.nn.Sequential(torch.nn.Linear(3, 1)), Task("binary", None), ["a", "b", "c"],
                         np.zeros((2, 3), np.float32))
     return Path(download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "model")))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ctrain import lineage, pipeline, registry
+from ctrain import pipeline, registry
 from ctrain.errors import ConfigError, TrainingFailed
 from ctrain.settings import PROJECT_ROOT
 from ctrain_examples import fraud
@@ -65,9 +65,7 @@ def test_a_trainer_that_dies_before_its_tracker_leaves_no_run_running(validated)
     assert "model.factory_prefixes=" in launched and "trainer.model" in launched
     assert f"train.max_wall_clock_s={settings.max_train_wall_clock_s}" in launched
     assert f"train.max_steps={settings.max_steps}" in launched
-    key = lineage.run_key("t", snapshot["dataset_version"],
-                          lineage.config_fingerprint(settings.trainer_config.read_bytes(),
-                                                     {"model.kwargs": '{"no_such_arg": 1}'}))
+    key = pipeline.run_identity(settings, "t", snapshot, {"model.kwargs": {"no_such_arg": 1}}).run_key
     [run] = _runs_of(settings, key)
     assert run.info.status == "FAILED"
     assert "model.kwargs" in run.data.tags[registry.FAILURE_TAG]

@@ -30,12 +30,15 @@ def client(settings):
 
 
 def _model_run(client, settings, key: str) -> tuple[str, str]:
-    """A run holding a model directory, as the trainer leaves it. The registry never opens the model, so
-    a minimal MLmodel file stands in for the exported network (the end-to-end test loads real ones)."""
+    """A run with a logged model, as the trainer leaves it, and the model's ``models:/m-<id>`` URI. The
+    registry never opens the model, so an empty logged model stands in for the exported network (the
+    end-to-end test loads real ones)."""
     run = registry.training_run_for(client, settings, key, tags={"dataset_version": "d1"})
-    client.log_dict(run.run_id, {"artifact_path": "model", "flavors": {}}, "model/MLmodel")
+    experiment_id = client.get_run(run.run_id).info.experiment_id
+    model = client.create_logged_model(experiment_id, name="model", source_run_id=run.run_id)
+    client.finalize_logged_model(model.model_id, "READY")
     client.set_terminated(run.run_id)
-    return run.run_id, f"runs:/{run.run_id}/model"
+    return run.run_id, f"models:/{model.model_id}"
 
 
 def _record(version: str, previous: str | None) -> registry.AuditRecord:

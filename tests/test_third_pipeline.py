@@ -257,9 +257,9 @@ def test_its_steps_run_from_snapshot_to_champion(user: Path, env: dict[str, str]
     import mlflow
     import pandas as pd
 
-    from ctrain import pipeline
-    from ctrain.features import load_snapshot
+    from ctrain import pipeline, registry
     from ctrain.settings import get_settings
+    from ctrain.snapshot import load_snapshot
 
     settings = get_settings()
     assert settings.pipeline == NAME and settings.model_factory_prefixes == ("trainer.model", "support_models")
@@ -278,6 +278,10 @@ def test_its_steps_run_from_snapshot_to_champion(user: Path, env: dict[str, str]
     assert challenger["test_accuracy"] > 0.6  # learnt the rule (chance: 0.33)
     registration = pipeline.register(settings, training, snapshot, validation, dag_run_id="r1")
     assert registration["model"] == "ticket_priority"
+    # The user's model package is on the version (a plain module on PYTHONPATH, so no installed version).
+    tags = registry.get_client(settings).get_model_version("ticket_priority", registration["version"]).tags
+    assert tags["model_package"] == "support_models"
+    assert tags["model_package_version"] == "unknown (not an installed distribution)"
     decision = pipeline.govern(settings, evaluation)
     promoted = pipeline.promote(settings, registration, evaluation, decision, dag_run_id="r1")
     assert promoted["version"] == registration["version"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctrain import features, validation
+from ctrain import featurestore, validation
+from ctrain import snapshot as snapshots
 from ctrain.definition import PROJECT_ROOT, load_file
 from ctrain.errors import ValidationFailed
 from ctrain_examples import fraud
@@ -45,7 +46,7 @@ def test_clean_snapshot_passes_and_reports_are_written(dp_snapshot):
 def test_nulls_in_a_feature_partition_fail_the_gate_naming_the_expectation(dp_generated):
     fraud.inject_nulls(dp_generated.resolved_data_root, fraud.CUSTOMER_STATS, "2026-01-03", 0.3,
                          columns=["customer_chargeback_rate_90d"])
-    info = features.build_snapshot(dp_generated, val_days=1, test_days=1)
+    info = snapshots.build_snapshot(dp_generated, val_days=1, test_days=1)
     report = validation.validate_snapshot(info.uri, f"{dp_generated.resolved_object_root}/reports", SMALL)
     assert not report.success
     assert len(report.failed) == 1
@@ -86,8 +87,8 @@ DRIFT_CFG = SMALL
 def dp_drift_reference(tmp_path_factory, dp_make_settings):
     settings = dp_make_settings(tmp_path_factory.mktemp("dp_drift") / "home")
     fraud.generate(settings.resolved_data_root, days=12, start="2026-01-01", **DRIFT_WORLD)
-    features.apply_feature_repo(settings)
-    return settings, features.build_snapshot(settings, val_days=3, test_days=3)
+    featurestore.apply_feature_repo(settings)
+    return settings, snapshots.build_snapshot(settings, val_days=3, test_days=3)
 
 
 def _land_new_days(reference, settings, **knobs):
@@ -98,8 +99,8 @@ def _land_new_days(reference, settings, **knobs):
     shutil.copytree(ref_settings.resolved_data_root, settings.resolved_data_root)
     for day in NEW_DAYS:
         fraud.append_day(settings.resolved_data_root, day, **knobs)
-    features.apply_feature_repo(settings)
-    snap = features.build_snapshot(settings, start="2026-01-04", val_days=3, test_days=3)
+    featurestore.apply_feature_repo(settings)
+    snap = snapshots.build_snapshot(settings, start="2026-01-04", val_days=3, test_days=3)
     report = validation.validate_snapshot(snap.uri, f"{settings.resolved_object_root}/reports", DRIFT_CFG,
                                           reference_uri=ref.uri)
     return snap, report
@@ -148,8 +149,8 @@ def test_poisoning_too_small_for_drift_is_stopped_by_governance_on_the_holdout(d
     snap, report = _land_new_days(dp_drift_reference, dp_settings, label_flip=0.02)
     assert report.success, report.failed  # too small for the gate
     cols = snap.manifest["feature_columns"]
-    _, ref_frames = features.load_snapshot(dp_drift_reference[1].uri)
-    _, new_frames = features.load_snapshot(snap.uri)
+    _, ref_frames = snapshots.load_snapshot(dp_drift_reference[1].uri)
+    _, new_frames = snapshots.load_snapshot(snap.uri)
 
     def fit(frame):
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(
@@ -212,8 +213,8 @@ def test_a_target_outside_its_range_fails_the_gate_naming_the_column(dp_eta_copy
     path = dp_eta_copy.resolved_data_root / "deliveries" / "date=2026-01-18" / "part-0.parquet"
     t = pq.read_table(path)
     pq.write_table(t.set_column(5, "minutes", pc.negate(t.column("minutes"))), path)  # a sign bug upstream
-    features.apply_feature_repo(dp_eta_copy)
-    info = features.build_snapshot(dp_eta_copy)
+    featurestore.apply_feature_repo(dp_eta_copy)
+    info = snapshots.build_snapshot(dp_eta_copy)
     report = validation.validate_snapshot(info.uri, f"{dp_eta_copy.resolved_object_root}/reports",
                                           validation.suite_config(dp_eta_copy.definition))
     assert not report.success
@@ -227,7 +228,7 @@ def test_regression_drift_bins_the_target_like_a_feature(dp_eta_snapshot, tmp_pa
     """The newest split's target vs the reference's: quantile bins, like a feature; a slowdown is caught."""
     settings, info = dp_eta_snapshot
     cfg = validation.suite_config(settings.definition)
-    manifest, frame = validation.read_snapshot_frame(info.uri)
+    manifest, frame = snapshots.read_frame(info.uri)
     reference = frame.iloc[:manifest["splits"]["train"]["rows"]]
     (label_exp,) = [e for e in validation.drift_expectations(manifest, reference, cfg) if e.column == "minutes"]
     assert len(label_exp.partition_object["bins"]) == cfg.drift_bins + 1 and label_exp.threshold == cfg.max_label_kl

@@ -7,31 +7,28 @@ with parquet files inside; the high-water mark is per pipeline, at
 
 from __future__ import annotations
 
-import json
 from datetime import date
 from typing import TYPE_CHECKING
 
-from ctrain.features import list_partitions, open_fs, write_bytes
+from ctrain import layout, storage
+from ctrain.landing import list_partitions
 
 if TYPE_CHECKING:
     from ctrain.settings import Settings
 
 
 def _marker(settings: Settings) -> str:
-    table = settings.definition.events.table
-    return f"{settings.resolved_object_root}/state/{settings.pipeline}/{table}_announced.json"
+    return layout.announced_marker_uri(settings.resolved_object_root, settings.pipeline,
+                                       settings.definition.events.table)
 
 
 def last_announced(settings: Settings) -> date | None:
-    fs, path = open_fs(_marker(settings), settings)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as fh:
-        return date.fromisoformat(json.load(fh)["newest"])
+    marker = storage.read_json(_marker(settings), settings)
+    return None if marker is None else date.fromisoformat(marker["newest"])
 
 
 def landed_partitions(settings: Settings) -> list[date]:
-    """Dates with a partition of the events table, sorted (the layout is :func:`ctrain.features.list_partitions`'s)."""
+    """Dates with a partition of the events table, sorted (the layout is :func:`ctrain.landing.list_partitions`'s)."""
     return list_partitions(settings.resolved_data_root, settings.definition.events.table)
 
 
@@ -43,5 +40,4 @@ def unannounced_partitions(settings: Settings) -> list[date]:
 
 def mark_announced(settings: Settings, days: list[str]) -> None:
     """Advance the high-water mark to the newest of ``days`` (written whole, never half)."""
-    fs, path = open_fs(_marker(settings), settings)
-    write_bytes(fs, path, json.dumps({"newest": max(days)}).encode())
+    storage.put_json(_marker(settings), {"newest": max(days)}, settings)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ctrain import layout
 from ctrain.errors import ConfigError
 from ctrain.localenv import airflow_env, ui_urls
 from ctrain.settings import Settings, get_settings
@@ -95,7 +96,7 @@ def summary(settings: Settings) -> str:
         "",
         f"=== ctrain demo: summary (pipeline {settings.pipeline}) ===",
         f"dataset version     : {t.get('dataset_version')}  (feature service {t.get('feature_service')})",
-        f"snapshot            : {settings.resolved_object_root}/datasets/{t.get('dataset_version')}",
+        f"snapshot            : {layout.dataset_uri(settings.resolved_object_root, str(t.get('dataset_version')))}",
         f"validation          : success (GX result {t.get('gx_result_id')})",
         f"  report / docs     : {run.data.tags.get('gx_report_uri')}",
         f"                      {run.data.tags.get('gx_docs_uri')}",

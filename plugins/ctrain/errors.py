@@ -53,10 +53,8 @@ class ValidationFailed(CtrainError):
 
 
 class TrainingFailed(CtrainError):
-    """The training process exited with a non-zero code."""
-
-    # Trainer exit codes that no retry can fix (65 bad data/config, 70 divergence or bug).
-    TERMINAL_CODES = frozenset({65, 70})
+    """The training process exited with a non-zero code; terminal when the trainer's contract says so
+    (``trainer.contract.TERMINAL_EXIT_CODES``: 65 bad data/config, 70 divergence or bug)."""
 
     def __init__(self, exit_code: int, message: str):
         self.exit_code = exit_code
@@ -64,7 +62,9 @@ class TrainingFailed(CtrainError):
 
     @property
     def retryable(self) -> bool:
-        return self.exit_code not in self.TERMINAL_CODES
+        from trainer.contract import TERMINAL_EXIT_CODES
+
+        return self.exit_code not in TERMINAL_EXIT_CODES
 
 
 class GovernanceRejected(CtrainError):

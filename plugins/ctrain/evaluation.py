@@ -10,17 +10,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ctrain.definition import PipelineDefinition
+    from ctrain.settings import Settings
 
 
-def read_split(snapshot_uri: str, split: str):
-    import pandas as pd
+def read_split(snapshot_uri: str, split: str, settings: Settings | None = None):
+    """One split of a snapshot (sha256-verified, :func:`ctrain.snapshot.read_frame`) and its manifest."""
+    from ctrain.snapshot import read_frame
 
-    from ctrain.features import open_fs, read_manifest
-
-    manifest = read_manifest(snapshot_uri)
-    fs, path = open_fs(f"{snapshot_uri}/{manifest['splits'][split]['file']}")
-    with fs.open(path, "rb") as fh:
-        return pd.read_parquet(fh), manifest
+    manifest, frame = read_frame(snapshot_uri, (split,), settings=settings)
+    return frame, manifest
 
 
 # What trainer.export logs, and so all a ctrain model may be: the served model (trainer.serving,
@@ -33,20 +31,20 @@ _PROGRAM_FLAVORS = {"python_function", "pytorch"}
 _PICKLE_FILES = ("model.pth", "pickle_module_info.txt")
 
 
-def load_model(model_uri: str, tracking_uri: str | None = None):
+def load_model(model_uri: str, settings: Settings | None = None):
     """The pt2 program of the MLflow model at ``model_uri`` as a pyfunc, refusing anything that could run
     code on load.
 
     A model is a file in the artifact store, which whoever can write there or register a version
     controls; loading it must not execute what it contains. The model is downloaded once (so it cannot
-    change between the check and the load) from the MLflow at ``tracking_uri`` (the settings' one, never
-    whatever the process's global MLflow state says); it must be what ``trainer.export`` writes (the
-    served model, whose code is not run, over one ``program`` artifact), the program's ``MLmodel`` must
-    have flavors python_function + pytorch, loader ``mlflow.pytorch``, no ``code``, a ``data/model.pt2``
-    and no pickled model file anywhere, and it is loaded with MLflow's pickle deserialization off, under
-    which MLflow admits a pt2 archive only if every record is JSON, text or accepted by
-    ``torch.load(weights_only=True)``. The program's ``predict`` returns the served values unnamed, in the
-    served column order.
+    change between the check and the load) from the settings' MLflow (:func:`ctrain.registry.mlflow_at`,
+    never whatever the process's global MLflow state says; without settings only a local path makes
+    sense); it must be what ``trainer.export`` writes (the served model, whose code is not run, over one
+    ``program`` artifact), the program's ``MLmodel`` must have flavors python_function + pytorch, loader
+    ``mlflow.pytorch``, no ``code``, a ``data/model.pt2`` and no pickled model file anywhere, and it is
+    loaded with MLflow's pickle deserialization off, under which MLflow admits a pt2 archive only if every
+    record is JSON, text or accepted by ``torch.load(weights_only=True)``. The program's ``predict``
+    returns the served values unnamed, in the served column order.
     """
     import tempfile
     from pathlib import Path
@@ -55,7 +53,10 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
-    with tempfile.TemporaryDirectory(prefix="ctrain-model-") as tmp, _mlflow_at(tracking_uri):
+    from ctrain.registry import mlflow_at
+
+    at = mlflow_at(settings) if settings is not None else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="ctrain-model-") as tmp, at:
         local = Path(download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         program = _checked_program(model_uri, local)
         with _pickle_deserialization_off():
@@ -63,28 +64,6 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
                 return mlflow.pyfunc.load_model(str(program))
             except MlflowException as exc:  # a pt2 record that is not pickle-free, or not a model at all
                 raise _refusal(model_uri, str(exc).splitlines()[0]) from None
-
-
-@contextlib.contextmanager
-def _mlflow_at(tracking_uri: str | None):
-    """MLflow's global tracking and registry URI set to ``tracking_uri`` for the duration.
-
-    ``download_artifacts(tracking_uri=...)`` is not enough: for a ``runs:/`` URI of an MLflow 3 logged
-    model, MLflow looks the model up through the global client, whatever URI it was given.
-    """
-    if tracking_uri is None:
-        yield
-        return
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-    saved = registry_utils._registry_uri
-    registry_utils.set_registry_uri(tracking_uri)
-    try:
-        with _use_tracking_uri(tracking_uri):
-            yield
-    finally:
-        registry_utils._registry_uri = saved
 
 
 def _refusal(model_uri: str, why: str):
@@ -165,7 +144,8 @@ def input_names(model) -> list[str]:
     return list(schema.input_names()) if schema is not None else []
 
 
-def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split: str = "test") -> dict[str, float]:
+def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split: str = "test",
+                settings: Settings | None = None) -> dict[str, float]:
     """Every metric of ``definition`` (its primary and report metrics) for a loaded pyfunc ``model`` on
     ``split`` of the snapshot, as ``{split}_{metric}``, plus ``{split}_rows``.
 
@@ -176,7 +156,7 @@ def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split:
     """
     import numpy as np
 
-    frame, manifest = read_split(snapshot_uri, split)
+    frame, manifest = read_split(snapshot_uri, split, settings)
     features = frame[manifest["feature_columns"]].astype("float32")
     predictions = np.asarray(model.predict(features), dtype="float64")
     labels = frame[manifest["label_column"]].to_numpy()

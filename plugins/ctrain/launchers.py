@@ -5,8 +5,8 @@ same environment contract (see ``docs/contracts.md``); they differ only in where
 The local launcher is the embedded default and the one the demo and tests run; the Docker and
 Kubernetes launchers turn the same :class:`TrainingJob` into a ``docker run`` command or a Pod manifest.
 
-Exit codes follow the trainer's contract: 0 success, 65 bad data/config, 70 divergence or bug (both
-terminal), 75 retryable (lost peer, storage timeout).
+Exit codes follow the trainer's contract (``trainer.contract``): 0 success, 65 bad data/config, 70
+divergence or bug (both terminal), 75 retryable (lost peer, storage timeout).
 """
 
 from __future__ import annotations
@@ -21,16 +21,12 @@ from pathlib import PurePosixPath
 from typing import TYPE_CHECKING
 
 from ctrain.errors import ConfigError, TrainingFailed
+from trainer.contract import EXIT_OK, describe_exit
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_BAD_INPUT = 65
-EXIT_DIVERGED = 70
-EXIT_RETRYABLE = 75
 
 # Where training_image/Dockerfile puts training_image/configs/ inside the image.
 IMAGE_CONFIG_DIR = "/opt/trainer/configs"
@@ -87,18 +83,6 @@ class TrainingJob:
             f"--max-restarts={self.max_restarts}",
             *self.trainer_args(),
         ]
-
-
-def describe_exit(code: int) -> str:
-    if code == EXIT_BAD_INPUT:
-        return "bad data or config (terminal: fix the input, retrying will not help)"
-    if code == EXIT_DIVERGED:
-        return "training diverged or hit a bug (terminal: see the trainer log above)"
-    if code == EXIT_RETRYABLE:
-        return "retryable failure (lost peer or storage timeout); a retry resumes from the last checkpoint"
-    if code < 0:
-        return f"killed by signal {-code}; a retry resumes from the last checkpoint"
-    return f"unexpected exit code {code}"
 
 
 class LocalLauncher:

@@ -1,8 +1,8 @@
 """The embedded-defaults environment: Airflow on SQLite and all state under ``.ctrain/``.
 
 ``python -m ctrain.localenv`` prints the environment as shell ``export`` lines (``make up`` and a user's
-shell use it), then the UI addresses as plain shell variables (``ui_host``, ``airflow_url``,
-``mlflow_port``, ``mlflow_url``) for ``scripts/up.sh``; :func:`airflow_env` gives the environment to
+shell use it), then the UI addresses and ``make up``'s patience as plain shell variables (``ui_host``,
+``airflow_url``, ``mlflow_port``, ``mlflow_url``, ``up_timeout_s``) for ``scripts/up.sh``; :func:`airflow_env` gives the environment to
 Python callers (the demo, the tests).
 ``python -m ctrain.localenv login`` creates the UI login if there is none and prints ``user password``.
 
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(f"export {key}={shlex.quote(value)}\n")
     urls = ui_urls(settings)
     for key, value in {"ui_host": settings.ui_host, "airflow_url": urls["airflow"],
-                       "mlflow_port": str(settings.mlflow_port), "mlflow_url": urls["mlflow"]}.items():
+                       "mlflow_port": str(settings.mlflow_port), "mlflow_url": urls["mlflow"],
+                       "up_timeout_s": str(settings.up_timeout_s)}.items():
         sys.stdout.write(f"{key}={shlex.quote(value)}\n")
 
 

@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ctrain import lineage, params, registry
+from ctrain import layout, lineage, params, registry, storage
 from ctrain.errors import ConfigError, CtrainError, DataError, GovernanceRejected, TrainingFailed
 from ctrain.governance import Policy, decide
-from ctrain.launchers import TrainingJob, describe_exit, get_launcher
+from ctrain.launchers import TrainingJob, get_launcher
+from trainer.contract import FAILURE_FILE, RESULT_FILE, TrainerResult, describe_exit
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -27,8 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# The trainer's records under output.uri (docs/contracts.md): its result, and the last attempt's failure.
-RESULT_FILE, FAILURE_FILE = "result.json", "failure.json"
 
 
 def build_dataset(settings: Settings, start: str | None = None, end: str | None = None) -> dict[str, Any]:
@@ -36,7 +36,8 @@ def build_dataset(settings: Settings, start: str | None = None, end: str | None 
 
     A bad window (``start`` after ``end``, no landed data in it, too short to split) is refused first,
     before ``feast apply`` or anything else is written."""
-    from ctrain.features import apply_feature_repo, build_snapshot, check_window
+    from ctrain.featurestore import apply_feature_repo
+    from ctrain.snapshot import build_snapshot, check_window
 
     check_window(settings, start, end)
     apply_feature_repo(settings)
@@ -69,12 +70,12 @@ def validate(settings: Settings, snapshot: dict[str, Any]) -> dict[str, Any]:
     """Great Expectations gate with the definition's thresholds; raises ``ValidationFailed`` (listing the failed expectations) on bad data."""
     from ctrain.validation import suite_config, validate_snapshot
 
-    report_root = f"{settings.resolved_object_root}/reports"
+    report_root = layout.reports_root(settings.resolved_object_root)
     reference = champion_snapshot_uri(settings)
     if reference:
         log.info("drift reference: the champion's training snapshot %s", reference)
     report = validate_snapshot(snapshot["uri"], report_root, suite_config(settings.definition),
-                               reference_uri=reference)
+                               reference_uri=reference, settings=settings)
     log.info("validation report: %s ; data docs: %s", report.report_uri, report.docs_uri)
     report.raise_for_failure()
     return {"success": report.success, "result_id": report.result_id, "report_uri": report.report_uri,
@@ -86,7 +87,7 @@ def materialize_online(settings: Settings, snapshot: dict[str, Any]) -> dict[str
     reads the same features the model trained on. Incremental: Feast remembers what it loaded."""
     from datetime import UTC, datetime, timedelta
 
-    from ctrain.features import materialize_incremental
+    from ctrain.featurestore import materialize_incremental
 
     end = datetime.fromisoformat(snapshot["entity_window"]["end"]).replace(tzinfo=UTC) + timedelta(days=1)
     return {"materialized_until": end.isoformat(), "intervals": materialize_incremental(settings, end=end)}
@@ -99,7 +100,47 @@ def champion_snapshot_uri(settings: Settings) -> str | None:
     if version is None:
         return None
     dataset_version = client.get_model_version(settings.model_name, version).tags.get("dataset_version")
-    return f"{settings.resolved_object_root}/datasets/{dataset_version}" if dataset_version else None
+    return layout.dataset_uri(settings.resolved_object_root, dataset_version) if dataset_version else None
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What identifies one training run: the run key and what it is derived from."""
+
+    run_key: str  # (dag, dataset version, config hash): names the MLflow run, checkpoints and output
+    config_hash: str  # the trainer's semantic hash of the config with the overrides
+    config_path: Path
+    overrides: dict[str, str]  # the --set values the trainer gets, except checkpoint.uri and output.uri
+
+
+def run_identity(settings: Settings, dag_id: str, snapshot: dict[str, Any],
+                 overrides: dict[str, Any] | None = None) -> RunIdentity:
+    """The run key of training ``snapshot`` with the pipeline's trainer config and a trigger's ``overrides``.
+
+    The config part is the trainer's own semantic hash (:func:`ctrain.lineage.config_hash`): a comment or
+    formatting edit of the YAML, or a change of a field that does not change what is trained, keeps the
+    key (a rerun reuses or resumes); a real change gives a new one. Overrides outside the operator's
+    limits and configs the trainer would refuse raise ConfigError here, before anything is created.
+    """
+    typed = dict(overrides or {})
+    params.check_trainer_overrides(settings, typed)
+    # JSON is YAML, which the trainer parses --set values as: 0.002, true, null, [128, 64] keep their type.
+    as_set = {k: v if isinstance(v, str) else json.dumps(v) for k, v in typed.items()}
+    config_path = Path(settings.trainer_config)
+    if not config_path.is_file():
+        raise ConfigError(f"trainer config {config_path} does not exist; fix training.config of pipeline "
+                          f"{settings.pipeline!r} ({settings.pipelines_dir})")
+    try:
+        config_tree = yaml.safe_load(config_path.read_bytes()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"trainer config {config_path} (training.config of pipeline {settings.pipeline!r}) "
+                          f"is not valid YAML: {exc}") from None
+    # Pipeline-owned values come last: they win over anything the trigger sent.
+    trainer_overrides = {**as_set, **params.pipeline_limits(settings, typed, config_tree),
+                         "data.dataset_uri": snapshot["uri"]}
+    config_hash = lineage.config_hash(config_path, trainer_overrides)
+    return RunIdentity(lineage.run_key(dag_id, snapshot["dataset_version"], config_hash), config_hash,
+                       config_path, trainer_overrides)
 
 
 def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, Any], dag_id: str,
@@ -111,24 +152,10 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
     :mod:`ctrain.params`); the limits also go to the trainer, which enforces them itself. The MLflow run
     created here is closed by :func:`registry.close_failed_run` on every failure path.
     """
-    typed = dict(overrides or {})
-    params.check_trainer_overrides(settings, typed)
-    # JSON is YAML, which the trainer parses --set values as: 0.002, true, null, [128, 64] keep their type.
-    overrides = {k: v if isinstance(v, str) else json.dumps(v) for k, v in typed.items()}
-    config_path = Path(settings.trainer_config)
-    if not config_path.is_file():
-        raise ConfigError(f"trainer config {config_path} does not exist; fix training.config of pipeline "
-                          f"{settings.pipeline!r} ({settings.pipelines_dir})")
-    config_bytes = config_path.read_bytes()
-    try:
-        config_tree = yaml.safe_load(config_bytes) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"trainer config {config_path} (training.config of pipeline {settings.pipeline!r}) "
-                          f"is not valid YAML: {exc}") from None
-    fingerprint = lineage.config_fingerprint(config_bytes, overrides)
-    key = lineage.run_key(dag_id, snapshot["dataset_version"], fingerprint)
+    identity = run_identity(settings, dag_id, snapshot, overrides)
+    key, config_hash, config_path = identity.run_key, identity.config_hash, identity.config_path
     root = settings.resolved_object_root
-    output_uri, checkpoint_uri = f"{root}/runs/{key}", f"{root}/checkpoints/{key}"
+    output_uri, checkpoint_uri = layout.run_output_uri(root, key), layout.checkpoint_uri(root, key)
 
     client = registry.get_client(settings)
     run = registry.training_run_for(client, settings, key, tags={
@@ -142,19 +169,17 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
         "dag_id": dag_id,
         "dag_run_id": dag_run_id,
         "git_sha": lineage.git_sha(),
-        "pipeline_config_fingerprint": fingerprint,
+        "config_hash": config_hash,
     })
-    result = _read_result(output_uri)
-    if run.status == "FINISHED" and result is not None and result.get("status") == "succeeded":
+    result = _read_result(output_uri, RESULT_FILE, settings)
+    if run.status == "FINISHED" and result is not None and result.succeeded:
         log.info("run key %s already trained (MLflow run %s); reusing its result", key, run.run_id)
-        return {**result, "run_key": key, "reused": True}
+        return {**result.to_dict(), "run_key": key, "reused": True}
 
     job = TrainingJob(
         config_path=str(config_path),
-        # Pipeline-owned values come last: they win over anything the trigger sent.
-        overrides={**overrides, **params.pipeline_limits(settings, typed, config_tree),
-                   "data.dataset_uri": snapshot["uri"], "checkpoint.uri": checkpoint_uri, "output.uri": output_uri},
-        env={"MLFLOW_TRACKING_URI": settings.resolved_tracking_uri, "MLFLOW_RUN_ID": run.run_id},
+        overrides={**identity.overrides, "checkpoint.uri": checkpoint_uri, "output.uri": output_uri},
+        env=_trainer_env(settings, run.run_id),
         nproc_per_node=settings.nproc_per_node,
     )
     started = time.monotonic()
@@ -166,54 +191,53 @@ def train(settings: Settings, snapshot: dict[str, Any], validation: dict[str, An
         raise
     primary = settings.definition.primary_test_metric
     log.info("training took %.1fs; %s=%s", time.monotonic() - started, primary,
-             result.get("metrics", {}).get(primary, "not logged by the trainer"))
-    return {**result, "run_key": key, "reused": False}
+             result.metrics.get(primary, "not logged by the trainer"))
+    return {**result.to_dict(), "run_key": key, "reused": False}
+
+
+def _trainer_env(settings: Settings, run_id: str) -> dict[str, str]:
+    """The settings the trainer's env contract reads (docs/contracts.md), from these settings: a value
+    that came from ``.env`` is not in this process's environment for the launcher to pass through."""
+    env = {"MLFLOW_TRACKING_URI": settings.resolved_tracking_uri, "MLFLOW_RUN_ID": run_id}
+    if settings.s3_endpoint_url:
+        env["CTRAIN_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
+    return env
 
 
 def _launch(settings: Settings, job: TrainingJob, output_uri: str,
-            sink: Callable[[str], None] | None) -> dict[str, Any]:
+            sink: Callable[[str], None] | None) -> TrainerResult:
     """Run the trainer and return its result; TrainingFailed carries the trainer's own exit code."""
-    _remove(f"{output_uri}/{FAILURE_FILE}")  # an earlier attempt's record must not speak for this one
+    # An earlier attempt's record must not speak for this one.
+    storage.remove(storage.join(output_uri, FAILURE_FILE), settings)
     try:
         get_launcher(settings.resolved_launcher, settings.training_image).run(job, sink)
     except TrainingFailed as exc:
         # torchrun exits 1 whenever a worker fails; the trainer's own code (65/70/75) is in failure.json
         # (result.json may keep an earlier success, which a failed rerun never replaces).
-        failed = _read_result(output_uri, FAILURE_FILE) or {}
-        if failed.get("status") == "failed" and failed.get("exit_code"):
-            raise TrainingFailed(int(failed["exit_code"]),
-                                 f"trainer failed with exit code {failed['exit_code']} "
-                                 f"({describe_exit(int(failed['exit_code']))}): {failed.get('error')}") from exc
+        failed = _read_result(output_uri, FAILURE_FILE, settings)
+        if failed is not None and not failed.succeeded and failed.exit_code:
+            code = failed.exit_code
+            raise TrainingFailed(code, f"trainer failed with exit code {code} ({describe_exit(code)}): "
+                                       f"{failed.error}") from exc
         raise
-    result = _read_result(output_uri)
+    result = _read_result(output_uri, RESULT_FILE, settings)
     if result is None:
-        raise CtrainError(f"trainer exited 0 but wrote no {output_uri}/result.json; see the task log above")
+        raise CtrainError(f"trainer exited 0 but wrote no {output_uri}/{RESULT_FILE}; see the task log above")
     return result
 
 
-def _read_result(output_uri: str, name: str = RESULT_FILE) -> dict[str, Any] | None:
-    from ctrain.features import open_fs
-
-    fs, path = open_fs(f"{output_uri}/{name}")
-    if not fs.exists(path):
+def _read_result(output_uri: str, name: str = RESULT_FILE, settings: Settings | None = None) -> TrainerResult | None:
+    """The trainer's record ``name`` under ``output_uri`` (None when absent); DataError if it is not one."""
+    uri = storage.join(output_uri, name)
+    try:
+        data = storage.read_bytes(uri, settings)
+    except FileNotFoundError:
         return None
-    with fs.open(path, "r") as fh:
-        try:
-            record = json.load(fh)
-        except ValueError:
-            record = None
-    if not isinstance(record, dict):
-        raise DataError(f"{output_uri}/{name} is not a JSON object, so not a trainer record; delete it "
-                        "and rerun the task")
-    return record
-
-
-def _remove(uri: str) -> None:
-    from ctrain.features import open_fs
-
-    fs, path = open_fs(uri)
-    if fs.exists(path):
-        fs.rm(path)
+    try:
+        return TrainerResult.from_json(data)
+    except ValueError as exc:
+        raise DataError(f"{uri} is not a JSON object of the trainer's result schema, so not a trainer record "
+                        f"({str(exc).splitlines()[0]}); delete it and rerun the task") from None
 
 
 def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -223,12 +247,12 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
     reproduce what the trainer logged for the same split (when the trainer logs that metric), else the
     export does not hold the trained weights."""
     from ctrain.evaluation import input_names, load_model, score_model
-    from ctrain.features import read_manifest
+    from ctrain.snapshot import read_manifest
 
     definition = settings.definition
     primary = definition.primary_test_metric
-    challenger = score_model(load_model(training["model_uri"], settings.resolved_tracking_uri), snapshot["uri"],
-                             definition)
+    challenger = score_model(load_model(training["model_uri"], settings), snapshot["uri"], definition,
+                             settings=settings)
     logged = training["metrics"].get(primary)
     if logged is not None and abs(challenger[primary] - logged) > _REPRODUCTION_TOLERANCE * max(1.0, abs(logged)):
         raise CtrainError(
@@ -240,10 +264,10 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
     champion = None
     if champion_version is not None:
         champion_uri = f"models:/{settings.model_name}/{champion_version}"
-        features = read_manifest(snapshot["uri"])["feature_columns"]
-        champion_model = load_model(champion_uri, settings.resolved_tracking_uri)
+        features = read_manifest(snapshot["uri"], settings)["feature_columns"]
+        champion_model = load_model(champion_uri, settings)
         if input_names(champion_model) == features:
-            champion = score_model(champion_model, snapshot["uri"], definition)
+            champion = score_model(champion_model, snapshot["uri"], definition, settings=settings)
         else:
             # A champion trained on another feature set cannot be scored on this snapshot; the policy then
             # judges the challenger on its floor alone, and the audit record says so.
@@ -280,6 +304,10 @@ def register(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
         "checkpoint": training["checkpoint"],
         "run_key": training["run_key"],
     }
+    package = training.get("model_package")  # a user model's distribution; absent for trainer.model's
+    if package:
+        lineage_tags["model_package"] = package["name"]
+        lineage_tags["model_package_version"] = package["version"]
     client = registry.get_client(settings)
     version = registry.register_challenger(client, settings, training["mlflow_run_id"], training["model_uri"],
                                            lineage_tags)

@@ -8,7 +8,7 @@ so a retried task never creates a second run or a second version for the same ru
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from ctrain.errors import CtrainError, ServiceUnavailable, is_terminal
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from mlflow import MlflowClient
 
     from ctrain.settings import Settings
@@ -40,15 +42,37 @@ class TrainingRun:
 
 
 def get_client(settings: Settings) -> MlflowClient:
-    """A client on the settings' MLflow, which also becomes this process's global MLflow: some MLflow 3
-    calls (registering a logged model, resolving ``runs:/`` models) look things up through the global
-    client whatever client they were called on."""
+    """A client on the settings' MLflow (``CTRAIN_MLFLOW_TRACKING_URI``, else the embedded SQLite store),
+    which also becomes this process's global MLflow: some MLflow 3 calls (registering a logged model,
+    resolving ``models:/`` URIs) look things up through the global client whatever client they were called
+    on. Every ctrain step gets its MLflow from here or from :func:`mlflow_at`, never from
+    ``MLFLOW_TRACKING_URI``."""
     import mlflow
     from mlflow import MlflowClient
 
     mlflow.set_tracking_uri(settings.resolved_tracking_uri)
     mlflow.set_registry_uri(settings.resolved_tracking_uri)
     return MlflowClient(tracking_uri=settings.resolved_tracking_uri, registry_uri=settings.resolved_tracking_uri)
+
+
+@contextlib.contextmanager
+def mlflow_at(settings: Settings) -> Iterator[None]:
+    """MLflow's global tracking and registry URI set to the settings' one for the duration, restored after.
+
+    For MLflow calls that take no client: ``download_artifacts(tracking_uri=...)`` is not enough, since
+    for a logged model MLflow looks the model up through the global client, whatever URI it was given.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    uri = settings.resolved_tracking_uri
+    saved = registry_utils._registry_uri
+    registry_utils.set_registry_uri(uri)
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        registry_utils._registry_uri = saved
 
 
 def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
@@ -104,8 +128,7 @@ def register_challenger(client: MlflowClient, settings: Settings, run_id: str, m
         version = versions[0].version
         log.info("run %s is already registered as %s v%s", run_id, name, version)
     else:
-        source, model_id = _model_source(client, model_uri, run_id)
-        mv = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id,
+        mv = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=_model_id(model_uri),
                                          tags={k: str(v) for k, v in lineage.items()})
         version = mv.version
         _wait_ready(client, name, version)
@@ -113,22 +136,14 @@ def register_challenger(client: MlflowClient, settings: Settings, run_id: str, m
     return str(version)
 
 
-def _model_source(client: MlflowClient, model_uri: str, run_id: str) -> tuple[str, str | None]:
-    """The registry source and MLflow-3 logged-model id for ``model_uri`` (``models:/m-...`` or ``runs:/``)."""
-    if model_uri.startswith("models:/m-"):
-        return model_uri, model_uri.removeprefix("models:/").split("/")[0]
-    if model_uri.startswith("runs:/"):
-        # MLflow 3 stores a logged model outside the run's artifacts (and lists it there virtually), so
-        # the run's model outputs come first; a plain artifact directory with an MLmodel is the fallback.
-        outputs = client.get_run(run_id).outputs
-        model_ids = [o.model_id for o in (outputs.model_outputs if outputs else [])]
-        if len(model_ids) == 1:
-            return f"models:/{model_ids[0]}", model_ids[0]
-        artifact_path = model_uri.removeprefix(f"runs:/{run_id}/")
-        if not model_ids and any(f.path == f"{artifact_path}/MLmodel"
-                                 for f in client.list_artifacts(run_id, artifact_path)):
-            return f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}", None
-    raise CtrainError(f"cannot resolve {model_uri} of run {run_id} to one MLflow model; pass models:/<model_id>")
+def _model_id(model_uri: str) -> str:
+    """The MLflow 3 logged-model id of ``model_uri``: the ``models:/m-<id>`` URI trainer.export returns
+    (result.json's ``model_uri``)."""
+    model_id = model_uri.removeprefix("models:/")
+    if not model_uri.startswith("models:/m-") or "/" in model_id:
+        raise CtrainError(f"model_uri {model_uri!r}: expected the logged model's models:/m-<id> URI that "
+                          "trainer.export returns (result.json's model_uri)")
+    return model_id
 
 
 def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float = 60) -> None:
@@ -164,13 +179,10 @@ class AuditRecord:
 
 def write_audit(settings: Settings, record: AuditRecord) -> str:
     """Write one audit record (never overwritten) and return its URI."""
-    uri = (f"{settings.resolved_object_root}/audit/{record.model}/"
-           f"{int(record.at * 1000):015d}-v{record.version}-{record.action}.json")
-    from ctrain.features import open_fs, write_bytes
+    from ctrain import layout, storage
 
-    fs, path = open_fs(uri, settings)
-    write_bytes(fs, path, json.dumps(asdict(record), indent=2, sort_keys=True).encode())
-    return uri
+    uri = layout.audit_uri(settings.resolved_object_root, record.model, record.at, record.version, record.action)
+    return storage.put_json(uri, asdict(record), settings)
 
 
 def promote(client: MlflowClient, settings: Settings, version: str, expected_champion: str | None,

@@ -1,7 +1,17 @@
-"""Typed settings for the pipeline, read from ``CTRAIN_*`` environment variables.
+"""Typed settings for the pipeline: one field per fact, read from ``CTRAIN_*`` environment variables and
+from a ``.env`` file when there is one.
 
 Every switch between the embedded defaults (``make demo``) and the production profile is here; see
 ``.env.example`` for the full list. Nothing is read at import time: call :func:`get_settings`.
+
+Precedence, highest first: values passed to ``Settings(...)``; the real environment; ``./.env`` (the
+working directory's); ``{project root}/.env``; the defaults below. ``.env`` holds ``CTRAIN_*`` settings
+only: credentials (``AWS_*``, ``MLFLOW_TRACKING_USERNAME``/``PASSWORD``) are read by boto and MLflow from
+the real environment.
+
+A ``CTRAIN_*`` variable (in the environment or a ``.env``) that is not a setting is refused with the list
+of known ones: a typo must not silently leave the default in place. ``CTRAIN_TEST_*`` names are reserved
+for the test suites' hooks and are not settings.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ctrain.errors import ConfigError
@@ -22,6 +32,14 @@ if TYPE_CHECKING:
     from ctrain.definition import PipelineDefinition
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+ENV_PREFIX = "CTRAIN_"
+# Reserved for the test suites' own hooks (e.g. the trainer tests' CTRAIN_TEST_RECORD_DIR); never settings.
+TEST_HOOK_PREFIX = "CTRAIN_TEST_"
+
+
+def env_files() -> tuple[Path, ...]:
+    """The ``.env`` files read, lowest precedence first: the project root's, then the working directory's."""
+    return (PROJECT_ROOT / ".env", Path.cwd() / ".env")
 _MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -32,7 +50,7 @@ def _default_home() -> Path:
 class Settings(BaseSettings):
     """Pipeline settings. Environment variable = ``CTRAIN_`` + upper-case field name."""
 
-    model_config = SettingsConfigDict(env_prefix="CTRAIN_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     home: Path = Field(default_factory=_default_home, description="Local state directory (git-ignored).")
     object_root: str = Field(
@@ -93,6 +111,26 @@ class Settings(BaseSettings):
     )
     airflow_port: int = Field(default=8080, ge=1, le=65535, description="Port of the Airflow API server/UI.")
     mlflow_port: int = Field(default=5000, ge=1, le=65535, description="Port of the MLflow UI (`make up`).")
+    up_timeout_s: int = Field(
+        default=300, ge=1, description="How long `make up` waits for every component to be healthy (seconds)."
+    )
+
+    def __init__(self, **values: object) -> None:
+        # The .env files are resolved per instance: the working directory is the caller's, not the importer's.
+        values.setdefault("_env_file", tuple(p for p in env_files() if p.is_file()) or None)
+        super().__init__(**values)
+
+    @model_validator(mode="after")
+    def _no_unknown_variables(self) -> Settings:
+        unknown = unknown_variables()
+        if unknown:
+            raise ConfigError(
+                "unknown ctrain setting(s): "
+                + "; ".join(f"{name} (in {where})" + _did_you_mean(name) for name, where in unknown)
+                + f". Known settings: {', '.join(sorted(known_variables()))} (see .env.example); "
+                f"{TEST_HOOK_PREFIX}* is reserved for test hooks"
+            )
+        return self
 
     @field_validator("model_factory_prefixes", mode="before")
     @classmethod
@@ -167,13 +205,39 @@ class Settings(BaseSettings):
         return self.mlflow_artifact_root or str(self.home / "mlartifacts")
 
 
+def known_variables() -> set[str]:
+    """Every ``CTRAIN_*`` variable that is a setting: ``CTRAIN_`` + the upper-case field name."""
+    return {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+
+
+def unknown_variables() -> list[tuple[str, str]]:
+    """``(name, where)`` of each ``CTRAIN_*`` variable in the environment or a ``.env`` that is no setting."""
+    from dotenv import dotenv_values
+
+    known = known_variables()
+    sources = [("the environment", os.environ.keys())]
+    sources += [(str(path), dotenv_values(path).keys()) for path in env_files() if path.is_file()]
+    return [(name, where) for where, names in sources for name in sorted(names)
+            if name.upper().startswith(ENV_PREFIX) and not name.upper().startswith(TEST_HOOK_PREFIX)
+            and name.upper() not in known]
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name.upper(), sorted(known_variables()), n=1)
+    return f", did you mean {close[0]}?" if close else ""
+
+
 def get_settings(pipeline: str | None = None) -> Settings:
-    """Settings from the current environment (fresh each call, so tests can monkeypatch env), for
-    ``pipeline`` (default: ``CTRAIN_PIPELINE``, else fraud)."""
-    os.environ.setdefault("CTRAIN_HOME", str(_default_home()))
+    """Settings from the current environment and ``.env`` (fresh each call, so tests can monkeypatch env),
+    for ``pipeline`` (default: ``CTRAIN_PIPELINE``, else fraud). ``CTRAIN_HOME`` is then exported (when
+    unset) so processes started from here (Feast, scripts) see the same home."""
     try:
-        return Settings(**({"pipeline": pipeline} if pipeline else {}))
+        settings = Settings(**({"pipeline": pipeline} if pipeline else {}))
     except ValidationError as exc:  # pydantic's own message repeats the value, which may hold a secret
-        problems = [f"CTRAIN_{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
+        problems = [f"{ENV_PREFIX}{'_'.join(map(str, e['loc'])).upper()}: {e['msg'].removeprefix('Value error, ')}"
                     for e in exc.errors()]
         raise ConfigError("invalid ctrain settings: " + "; ".join(problems)) from None
+    os.environ.setdefault("CTRAIN_HOME", str(settings.home))
+    return settings

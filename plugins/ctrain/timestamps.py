@@ -5,7 +5,7 @@ nanosecond timestamps for training but cannot cast them when it loads the online
 (``TIMESTAMPTZ_NS -> TIMESTAMP``), so a partition with another unit would pass the snapshot and break
 ``materialize_online`` after promotion. ctrain does not rewrite landed data, so such a partition is
 refused before the snapshot is built and before the online store is loaded. (The events table is read
-by ctrain itself and cast to the same type, see ``ctrain.features.load_events``.)
+by ctrain itself and cast to the same type, see ``ctrain.landing.load_events``.)
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def check_feature_file(path: Path) -> None:
 
 def check_feature_tables(data_root: Path, tables: list[str]) -> None:
     """:func:`check_feature_file` on every landed partition file of ``tables`` under ``data_root``."""
-    from ctrain.features import list_partitions, partition_dir
+    from ctrain.landing import list_partitions
+    from ctrain.layout import partition_dir
 
     for table in tables:
         for day in list_partitions(data_root, table):

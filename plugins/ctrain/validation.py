@@ -31,7 +31,6 @@ A failed gate is not an exception here: the caller decides. ``report.raise_for_f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -48,6 +47,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from ctrain.definition import PipelineDefinition, Range
+    from ctrain.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -356,39 +356,12 @@ def run_suites(
     return results, failed, stats
 
 
-def read_snapshot_frame(snapshot_uri: str, splits: tuple[str, ...] = ("train", "val", "test"),
-                        columns: list[str] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Manifest and the given splits of a snapshot as one DataFrame (in that order), sha256-verified.
-
-    One Arrow -> pandas conversion of the concatenated files: a single consolidated frame, no copies.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from ctrain.errors import DataError
-    from ctrain.features import open_fs, read_manifest
-
-    manifest = read_manifest(snapshot_uri)
-    fs, path = open_fs(snapshot_uri)
-    tables = []
-    for split in splits:
-        meta = manifest["splits"][split]
-        with fs.open(f"{path.rstrip('/')}/{meta['file']}", "rb") as f:
-            data = f.read()
-        if hashlib.sha256(data).hexdigest() != meta["sha256"]:
-            raise DataError(
-                f"{snapshot_uri}/{meta['file']}: sha256 does not match the manifest; the snapshot was "
-                "modified after it was written. Delete the snapshot directory and rebuild it."
-            )
-        tables.append(pq.read_table(pa.BufferReader(data), columns=columns))
-    return manifest, pa.concat_tables(tables).to_pandas()
-
-
 def validate_snapshot(
     snapshot_uri: str,
     report_root: str,
     config: SuiteConfig | None = None,
     reference_uri: str | None = None,
+    settings: Settings | None = None,
 ) -> ValidationReport:
     """Validate the snapshot at ``snapshot_uri``; write JSON + Data Docs under ``report_root``.
 
@@ -397,11 +370,13 @@ def validate_snapshot(
     ``reference_uri``: the snapshot the current champion was trained on; when given, the drift suite
     compares the newest split with its train split. Returns the report whatever the outcome; call
     ``raise_for_failure()`` to stop a pipeline on failure. A snapshot (or reference) whose files do not
-    match its manifest's sha256 raises DataError before any expectation runs.
+    match its manifest's sha256 raises DataError before any expectation runs. ``settings``: whose object
+    storage to read and write (default: the environment's).
     """
-    from ctrain.features import open_fs, read_manifest, write_bytes
+    from ctrain import layout, storage
+    from ctrain.snapshot import read_frame, read_manifest
 
-    manifest, snapshot = read_snapshot_frame(snapshot_uri)
+    manifest, snapshot = read_frame(snapshot_uri, settings=settings)
     if config is None:
         from ctrain.settings import get_settings
 
@@ -410,12 +385,12 @@ def validate_snapshot(
     # The drift reference is the champion's train split; only its feature and label columns are read.
     reference = None
     if reference_uri:
-        ref_schema = read_manifest(reference_uri)["schema"]
+        ref_schema = read_manifest(reference_uri, settings)["schema"]
         wanted = [c for c in (*manifest["feature_columns"], manifest["label_column"]) if c in ref_schema]
-        reference = read_snapshot_frame(reference_uri, ("train",), wanted)[1]
+        reference = read_frame(reference_uri, ("train",), wanted, settings)[1]
     version = manifest["dataset_version"]
     result_id = f"{version}-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
-    out_uri = f"{report_root.rstrip('/')}/validations/{version}/{result_id}"
+    out_uri = layout.validation_report_uri(report_root, version, result_id)
 
     with tempfile.TemporaryDirectory(prefix="ctrain-gx-") as docs_dir:
         results, failed, stats = run_suites(manifest, snapshot, cfg, docs_dir, reference)
@@ -431,12 +406,13 @@ def validate_snapshot(
             "suite_config": asdict(cfg),
             "results": {name: vr.to_json_dict() for name, vr in results.items()},
         }
-        fs, base = open_fs(out_uri)
         # Data Docs first, result.json last: a result.json means the whole report is there.
         for path in sorted(Path(docs_dir).rglob("*")):
             if path.is_file():
-                write_bytes(fs, f"{base}/data_docs/{path.relative_to(docs_dir).as_posix()}", path.read_bytes())
-        write_bytes(fs, f"{base}/result.json", json.dumps(body, indent=2, default=str).encode())
+                storage.put_bytes(storage.join(out_uri, "data_docs", path.relative_to(docs_dir).as_posix()),
+                                  path.read_bytes(), settings)
+        storage.put_bytes(storage.join(out_uri, "result.json"), json.dumps(body, indent=2, default=str).encode(),
+                          settings)
 
     report = ValidationReport(
         success=success, dataset_version=version, result_id=result_id, failed=failed, statistics=stats,

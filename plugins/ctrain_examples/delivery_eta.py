@@ -38,8 +38,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from ctrain import layout
 from ctrain.errors import ConfigError, DataError
-from ctrain.features import write_bytes
+from ctrain.storage import write_bytes
 
 DELIVERIES = "deliveries"
 COURIER_STATS = "features/courier_stats"
@@ -185,7 +186,7 @@ def partition_path(out: str | Path, table: str, day: date) -> Path:
     """Path of one daily partition of ``table`` (one of ``SCHEMAS``) under the data root ``out``."""
     if table not in SCHEMAS:
         raise ConfigError(f"unknown table {table!r}: expected one of {sorted(SCHEMAS)}")
-    return Path(out) / table / f"date={day.isoformat()}" / PART_FILE
+    return layout.partition_dir(out, table, day) / PART_FILE
 
 
 def _parquet_bytes(table: str, cols: dict[str, np.ndarray]) -> bytes:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ctrain import layout
 from ctrain.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -293,10 +294,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def partition_path(out: str | Path, table: str, d: date | str) -> Path:
     """Path of one daily partition of ``table`` (transactions, customer_stats or merchant_stats)."""
     d = _as_date(d)
-    base = Path(out) / (TRANSACTIONS if table == TRANSACTIONS else f"features/{table}")
     if table not in TABLE_KEYS:
         raise ConfigError(f"unknown table {table!r}: expected one of {sorted(TABLE_KEYS)}")
-    return base / f"date={d.isoformat()}" / PART_FILE
+    return layout.partition_dir(out, TRANSACTIONS if table == TRANSACTIONS else f"features/{table}", d) / PART_FILE
 
 
 def _day_tables(p: GenParams, w: _World, d: date) -> dict[str, pa.Table]:

@@ -6,7 +6,7 @@
     python -m trainer config-table  # the config reference table of training_image/README.md
     python -m trainer overrides-schema  # dags/trainer_overrides.schema.json (the DAG's Param schema)
 
-Exit codes: 0 ok, 65 bad data/config, 70 divergence or bug, 75 retryable (see trainer.errors). torchrun
+Exit codes: 0 ok, 65 bad data/config, 70 divergence or bug, 75 retryable (see trainer.contract). torchrun
 itself exits 1 when any worker fails, so the launcher reads the code from ``failure.json`` (``exit_code``),
 which rank 0 writes on every failure it lives to record. The same record goes to ``result.json`` unless
 that holds a succeeded result (a rerun refused at resume never replaces one) or another trainer holds the
@@ -23,12 +23,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from trainer import distributed
 from trainer.config import TrainerConfig, json_schema, load_config, markdown_table, overrides_schema
-from trainer.errors import EXIT_OK, EXIT_RETRYABLE, EXIT_SOFTWARE, RetryableError, TrainerError
+from trainer.contract import EXIT_OK, EXIT_RETRYABLE, EXIT_SOFTWARE, FAILURE_FILE, RESULT_FILE, TrainerResult
+from trainer.errors import RetryableError, TrainerError
 from trainer.lease import Lease, LeaseHeld
 from trainer.storage import filesystem, join
 
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trainer")
 
-RESULT_FILE = "result.json"
-FAILURE_FILE = "failure.json"
 FAILURE_RECORDED = "failure_recorded"
 # Messages of collective failures that mean a peer is gone rather than a bug in this process.
 # Compared in lower case: gloo says "Timed out waiting 5000ms for recv", others "timeout" or "timed out".
@@ -97,7 +96,7 @@ def _record_config_failure(config: str | None, overrides: list[str], exc: Traine
             output_uri = None
     if not isinstance(output_uri, str) or not output_uri or urlsplit(output_uri).password is not None:
         return  # nowhere to write, or a URI the config check refused for holding a secret
-    record = _failure_record(exc, exc.exit_code, run_id=None)
+    record = TrainerResult.failure(exc, exc.exit_code, run_id=None)
     try:
         write_result(output_uri, record, FAILURE_FILE)
     except Exception:
@@ -117,11 +116,11 @@ def run(cfg: TrainerConfig) -> int:
             # Before anything under checkpoint.uri is read or changed: one trainer per directory.
             lease = Lease.acquire(cfg.checkpoint.uri, ctx, config_hash=cfg.config_hash())
             trainer = Trainer(cfg, ctx, lease)
-            result = trainer.fit()
+            result = TrainerResult.model_validate(trainer.fit())
             if ctx.is_main:
                 write_result(cfg.output.uri, result)
                 trainer.tracker.finish("FINISHED")
-                log.info("done: %s", json.dumps(result["metrics"], sort_keys=True))
+                log.info("done: %s", json.dumps(result.metrics, sort_keys=True))
             lease.release()
         code = EXIT_OK
     except Exception as exc:
@@ -170,37 +169,30 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_SOFTWARE
 
 
-def write_result(output_uri: str, result: dict[str, Any], name: str = RESULT_FILE) -> str:
+def write_result(output_uri: str, result: TrainerResult, name: str = RESULT_FILE) -> str:
     """Write ``result.json`` (or ``name``) under ``output_uri``; returns its URI."""
     fs, root = filesystem(output_uri)
     fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root}/{name}", json.dumps(result, indent=2, sort_keys=True).encode())
+    fs.pipe_file(f"{root}/{name}", result.to_json().encode())
     return join(output_uri, name)
 
 
-def read_result(output_uri: str) -> dict[str, Any] | None:
+def read_result(output_uri: str) -> TrainerResult | None:
     """The ``result.json`` under ``output_uri``, or None if there is none."""
     fs, root = filesystem(output_uri)
     try:
-        result = json.loads(fs.cat_file(f"{root}/{RESULT_FILE}"))
+        return TrainerResult.from_json(fs.cat_file(f"{root}/{RESULT_FILE}"))
     except FileNotFoundError:
         return None
-    except ValueError:
-        result = None
-    if not isinstance(result, dict):  # not a result this trainer wrote: treated as absent, and replaced
+    except ValueError:  # not a result this trainer wrote: treated as absent, and replaced
         log.warning("%s is not a JSON object; ignoring it", join(output_uri, RESULT_FILE))
         return None
-    return result
 
 
 def _already_done(cfg: TrainerConfig) -> bool:
     """A duplicate trigger for a run that already succeeded with this config is a no-op."""
     previous = read_result(cfg.output.uri)
-    done = bool(
-        previous
-        and previous.get("status") == "succeeded"
-        and previous.get("config_hash") == cfg.config_hash()
-    )
+    done = bool(previous and previous.succeeded and previous.config_hash == cfg.config_hash())
     if done:
         log.info(
             "%s already holds a successful result for config %s; nothing to do",
@@ -220,34 +212,23 @@ def _record_failure(cfg: TrainerConfig, trainer: Trainer | None, exc: BaseExcept
             trainer.tracker.finish("KILLED" if code == EXIT_RETRYABLE else "FAILED")
         except Exception:
             log.exception("could not close MLflow run %s", run_id)
-    record = {**_failure_record(exc, code, run_id), "config_hash": cfg.config_hash(), "seed": cfg.seed}
+    record = TrainerResult.failure(exc, code, run_id, config_hash=cfg.config_hash(), seed=cfg.seed)
     try:
         uri = write_result(cfg.output.uri, record, FAILURE_FILE)
         previous = read_result(cfg.output.uri)
         if isinstance(exc, LeaseHeld):  # the lease holder owns result.json
             log.info("failure recorded in %s only: another trainer holds the lease", uri)
-        elif previous is not None and previous.get("status") == "succeeded":
+        elif previous is not None and previous.succeeded:
             log.warning(
                 "%s holds a succeeded result (config %s); it stays, and this failure is recorded in %s",
                 join(cfg.output.uri, RESULT_FILE),
-                previous.get("config_hash"),
+                previous.config_hash,
                 uri,
             )
         else:
             write_result(cfg.output.uri, record)
     except Exception:
         log.exception("could not write the failure record under %s", cfg.output.uri)
-
-
-def _failure_record(exc: BaseException, code: int, run_id: str | None) -> dict[str, Any]:
-    """The failure record of failure.json (and result.json): what the launcher reads the exit code from."""
-    return {
-        "status": "failed",
-        "exit_code": code,
-        "error": f"{type(exc).__name__}: {exc}",
-        "retryable": code == EXIT_RETRYABLE,
-        "mlflow_run_id": run_id,
-    }
 
 
 class _Terminated(RetryableError):

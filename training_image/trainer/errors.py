@@ -1,16 +1,15 @@
 """Errors the trainer raises on purpose, each bound to the process exit code the pipeline acts on.
 
-Exit codes (docs/contracts.md): 65 bad data or config (terminal), 70 divergence or bug (terminal),
-75 retryable (lost peer, storage timeout, checkpoint directory leased by another trainer). Airflow
-retries only 75, and a retry resumes from the last good checkpoint.
+The exit codes are defined in :mod:`trainer.contract` (re-exported here for the trainer's modules):
+65 bad data or config (terminal), 70 divergence or bug (terminal), 75 retryable.
 """
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 65
-EXIT_SOFTWARE = 70
-EXIT_RETRYABLE = 75
+from trainer.contract import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRYABLE, EXIT_SOFTWARE
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_OK", "EXIT_RETRYABLE", "EXIT_SOFTWARE", "CheckpointError", "ConfigError",
+           "DataError", "DivergenceError", "RetryableError", "TrainerError"]
 
 
 class TrainerError(Exception):

@@ -80,7 +80,7 @@ def check_exportable(model: nn.Module, task: Task, sample: Tensor, factory: str)
 
 
 def log_model(model: nn.Module, task: Task, feature_columns: list[str], example: np.ndarray) -> str:
-    """Log the served model to the active MLflow run; return its ``runs:/<id>/model`` URI.
+    """Log the served model to the active MLflow run; return its logged model's ``models:/m-<id>`` URI.
 
     The MLflow model is ``trainer.serving`` (models-from-code, see there for the served contract) with
     the pt2 program as its artifact ``program``; its input example is ``example`` as a DataFrame over
@@ -88,7 +88,7 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
 
     The run holds one logged model: one an earlier attempt left behind (``PENDING`` when it was killed
     inside ``log_model``, ``READY`` when it died before writing ``result.json``) is deleted first, so
-    searches and ``runs:/<id>/model`` find only this one. (Logging into the earlier model instead is not
+    searches for the run's model find only this one. (Logging into the earlier model instead is not
     possible: MLflow links a run to a model output once.)
     """
     run = mlflow.active_run()
@@ -129,7 +129,7 @@ def log_model(model: nn.Module, task: Task, feature_columns: list[str], example:
             state, str(weights), metadata={"feature_columns": json.dumps(feature_columns), "task": task.type}
         )
         mlflow.log_artifact(str(weights), "weights")
-    return f"runs:/{run.info.run_id}/{MODEL_ARTIFACT_PATH}"
+    return f"models:/{logged.model_id}"
 
 
 def _save_program(serving_model: ServingModel, task: Task, feature_columns: list[str], example: np.ndarray,

@@ -1,0 +1,96 @@
+"""Where everything lives: the object-store layout under ``{object_root}`` and the landed data under
+``{data_root}``. Every other module asks here instead of formatting a path itself (docs/contracts.md)::
+
+    {object_root}/datasets/{dataset_version}/{train,val,test}.parquet, manifest.json   dataset snapshots
+    {object_root}/checkpoints/{run_key}/step-{N:08d}/                                  trainer checkpoints
+    {object_root}/runs/{run_key}/result.json, failure.json                             trainer output
+    {object_root}/reports/validations/{dataset_version}/{result_id}/                   GX reports
+    {object_root}/audit/{model}/{ms:015d}-v{version}-{action}.json                     alias moves
+    {object_root}/state/{pipeline}/{table}_announced.json                              arrival high-water mark
+    {data_root}/{table}/date=YYYY-MM-DD/*.parquet                                       landed partitions
+
+Functions take the root (a URI string or a local path), so they serve the settings' roots and a caller's
+own (a test's, a report root passed to the validation gate) alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ctrain.storage import join
+
+if TYPE_CHECKING:
+    from datetime import date
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+PARTITION_PREFIX = "date="
+
+
+# ---- object store ---------------------------------------------------------------------------------
+def datasets_root(object_root: str) -> str:
+    return join(object_root, "datasets")
+
+
+def dataset_uri(object_root: str, dataset_version: str) -> str:
+    """The snapshot directory of ``dataset_version``."""
+    return join(datasets_root(object_root), dataset_version)
+
+
+def split_file(split: str) -> str:
+    """File name of one split inside a snapshot directory."""
+    return f"{split}.parquet"
+
+
+def manifest_uri(snapshot_uri: str) -> str:
+    """The snapshot's commit marker (written last)."""
+    return join(snapshot_uri, MANIFEST)
+
+
+def checkpoint_uri(object_root: str, run_key: str) -> str:
+    """The trainer's checkpoint directory for one run key (``step-*/`` inside is the trainer's)."""
+    return join(object_root, "checkpoints", run_key)
+
+
+def run_output_uri(object_root: str, run_key: str) -> str:
+    """The trainer's ``output.uri`` for one run key (result.json, failure.json)."""
+    return join(object_root, "runs", run_key)
+
+
+def reports_root(object_root: str) -> str:
+    return join(object_root, "reports")
+
+
+def validation_report_uri(report_root: str, dataset_version: str, result_id: str) -> str:
+    """Directory of one GX report (``result.json`` + ``data_docs/``)."""
+    return join(report_root, "validations", dataset_version, result_id)
+
+
+def audit_uri(object_root: str, model: str, at: float, version: str, action: str) -> str:
+    """One audit record of an alias move; the millisecond prefix keeps them in time order."""
+    return join(object_root, "audit", model, f"{int(at * 1000):015d}-v{version}-{action}.json")
+
+
+def announced_marker_uri(object_root: str, pipeline: str, table: str) -> str:
+    """The arrival sensor's high-water mark for one pipeline's events table."""
+    return join(object_root, "state", pipeline, f"{table}_announced.json")
+
+
+# ---- landed data ----------------------------------------------------------------------------------
+def table_dir(data_root: Path | str, table: str) -> Path:
+    return Path(data_root) / table
+
+
+def partition_name(day: date) -> str:
+    return f"{PARTITION_PREFIX}{day.isoformat()}"
+
+
+def partition_dir(data_root: Path | str, table: str, day: date) -> Path:
+    """Directory of one daily partition of a landed table: ``{data_root}/{table}/date=YYYY-MM-DD``."""
+    return table_dir(data_root, table) / partition_name(day)
+
+
+def partition_glob(data_root: Path | str, table: str) -> str:
+    """Glob of every parquet file of a landed table (a Feast FileSource path)."""
+    return str(table_dir(data_root, table) / f"{PARTITION_PREFIX}*" / "*.parquet")
