@@ -11,10 +11,7 @@ if TYPE_CHECKING:
 
     from ctrain.settings import Settings
 
-# A tiny world: 6 days x 300 labelled events, enough for a 4/1/1-day split and a meaningful GX run.
-DP_DAYS = 6
-DP_START = "2026-01-01"
-DP_ROWS_PER_DAY = 300
+from support import DP_DAYS, DP_ROWS_PER_DAY, DP_START  # the tiny world (support.py)
 
 
 def dp_settings_for(home: Path) -> Settings:

@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# A tiny world: 6 days x 300 labelled events, enough for a 4/1/1-day split and a meaningful GX run.
+DP_DAYS = 6
+DP_START = "2026-01-01"
+DP_ROWS_PER_DAY = 300
+
 
 def make_env(home: Path) -> dict[str, str]:
     """The process environment for a ctrain home: CTRAIN_* plus Airflow on SQLite under ``home``."""

@@ -130,7 +130,7 @@ def test_regression_output_is_a_prediction_column(tracking_uri: str) -> None:
 def test_the_input_example_is_a_dataframe_over_the_features(binary_uri: str) -> None:
     from mlflow.artifacts import download_artifacts
 
-    served = json.loads(Path(download_artifacts(f"{binary_uri}/serving_input_example.json")).read_text())
+    served = json.loads((Path(download_artifacts(binary_uri)) / "serving_input_example.json").read_text())
     assert served["dataframe_split"]["columns"] == FEATURES
 
 
@@ -166,7 +166,7 @@ def test_mlflow_models_serve_serves_the_champion(tracking_uri: str, binary_uri: 
 
     version = mlflow.register_model(binary_uri, "served_model")
     MlflowClient(tracking_uri).set_registered_model_alias("served_model", "champion", version.version)
-    example = Path(download_artifacts(f"{binary_uri}/serving_input_example.json")).read_text()
+    example = (Path(download_artifacts(binary_uri)) / "serving_input_example.json").read_text()
 
     port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # the server execs `uvicorn` from PATH

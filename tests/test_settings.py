@@ -71,7 +71,7 @@ def test_every_ctrain_variable_the_repository_names_is_known() -> None:
         if path.suffix in {".py", ".sh", ".md", ".yaml", ".yml", ".example", ""} and path.is_file():
             named |= set(re.findall(r"\bCTRAIN_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="ignore")))
     # Prefixes in prose ("CTRAIN_*"), the test-hook prefix, and a fault-injection hook that is being removed.
-    named = {n for n in named if not n.startswith("CTRAIN_TEST_") and n != "CTRAIN_FAULT_KILL_BEFORE_MANIFEST"}
+    named = {n for n in named if not n.startswith("CTRAIN_TEST_")}
     assert named - known_variables() == set()
 
 

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from conftest import DP_DAYS, DP_ROWS_PER_DAY, DP_START
-from support import free_port
+from support import DP_DAYS, DP_ROWS_PER_DAY, DP_START, free_port
 
 if TYPE_CHECKING:
     from pathlib import Path
