@@ -164,6 +164,9 @@ def test_mlflow_models_serve_serves_the_champion(tracking_uri: str, binary_uri: 
 
     from support import free_port
 
+    # This test's MLflow, whatever an earlier test left as the process's global URIs.
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     version = mlflow.register_model(binary_uri, "served_model")
     MlflowClient(tracking_uri).set_registered_model_alias("served_model", "champion", version.version)
     example = (Path(download_artifacts(binary_uri)) / "serving_input_example.json").read_text()
