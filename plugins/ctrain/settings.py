@@ -66,6 +66,34 @@ class Settings(BaseSettings):
         "definition names one.",
     )
     training_image: str = Field(default="ctrain-trainer:latest", description="Image for docker/k8s launchers.")
+    # The docker and kubernetes launchers (plugins/ctrain/launchers.py).
+    docker_network: str = Field(
+        default="",
+        description="Network of the training container: host, none, or a named network (compose's) to "
+        "reach MLflow/S3. Default: none when every URI is local (file://, SQLite), else host.",
+    )
+    training_shm_size: str = Field(default="2g", description="/dev/shm of the training container (docker).")
+    training_gpus: int = Field(
+        default=0, ge=-1, description="GPUs per training container or pod: 0 none, -1 all (docker), N that many."
+    )
+    training_cpu: str = Field(default="2", description="CPU request and limit of the training pod.")
+    training_memory: str = Field(default="8Gi", description="Memory request and limit of the training pod.")
+    training_secret: str = Field(
+        default="ctrain-trainer-env",
+        description="Kubernetes Secret the training pod takes its credentials from (envFrom).",
+    )
+    k8s_namespace: str = Field(default="ctrain", description="Namespace of the training pod.")
+    k8s_node_selector: dict[str, str] = Field(
+        default_factory=dict, description='nodeSelector of the training pod, JSON (e.g. {"pool": "gpu"}).'
+    )
+    k8s_tolerations: list[dict[str, str]] = Field(
+        default_factory=list, description="tolerations of the training pod, a JSON list of Kubernetes tolerations."
+    )
+    pod_runtime: str = Field(
+        default="kubectl",
+        description="What runs the training pod for the kubernetes launcher: kubectl (the current context's "
+        "cluster) or podman (podman kube play on this host).",
+    )
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO / moto), path-style.")
 
     # What a trigger may ask of the trainer: the Params' schema carries these bounds (read when the DAG
