@@ -18,9 +18,11 @@ $(STAMP): requirements.lock pyproject.toml training_image/pyproject.toml
 	@touch $(STAMP)
 
 ## demo: generate data, run a pipeline's DAG end to end on embedded defaults, print a summary
-##       (PIPELINE=<name> picks pipelines/<name>.yaml; default fraud)
+##       (PIPELINE=<name> picks pipelines/<name>.yaml; default fraud). CTRAIN_LAUNCHER=docker trains in the
+##       training image (built or reused by scripts/images.sh, on its engine).
 PIPELINE ?= fraud
 demo: install
+	$(if $(filter docker,$(CTRAIN_LAUNCHER)),eval "$$(bash scripts/images.sh engine trainer env)" &&) \
 	CTRAIN_PIPELINE=$(PIPELINE) $(BIN)/python -m ctrain.demo
 
 ## test: the whole suite (slow end-to-end tests included)
