@@ -95,6 +95,10 @@ step_engine() {
   local exec_root=/run/ctrain-docker-$(printf %s "$STATE" | sha256sum | cut -c1-8)
   log "engine: starting dockerd (data root $STATE/data, socket $DOCKER_HOST, log $LOGS/dockerd.log)"
   rm -f "$STATE/docker.sock"
+  # a pid file left by a dockerd that died with the session: dockerd refuses to start while it names a live pid
+  local old_pid
+  old_pid=$(cat "$STATE/dockerd.pid" 2>/dev/null || true)
+  if [[ -n $old_pid ]] && [[ $(cat "/proc/$old_pid/comm" 2>/dev/null) != dockerd ]]; then rm -f "$STATE/dockerd.pid"; fi
   setsid dockerd --data-root "$STATE/data" --exec-root "$exec_root" --pidfile "$STATE/dockerd.pid" \
     -H "$DOCKER_HOST" --iptables=false --ip6tables=false --bridge=none --ip-forward=false --ip-masq=false \
     --storage-driver=overlay2 >>"$LOGS/dockerd.log" 2>&1 </dev/null &

@@ -170,3 +170,34 @@ def test_exit_codes_map_to_retryable_or_terminal(code, retryable):
     assert info.value.exit_code == code
     assert info.value.retryable is retryable
     assert f"code {code}" in str(info.value)
+
+
+FAKE_KUBECTL = """#!/usr/bin/env python3
+import json, sys
+args = sys.argv[1:]
+with open(sys.argv[0] + ".calls", "a") as fh:
+    fh.write(json.dumps({"args": args, "stdin": sys.stdin.read() if "apply" in args else None}) + "\\n")
+if "logs" in args:
+    print("epoch 1 eval: val_loss 0.1")
+if "get" in args:
+    print(75, end="")
+"""
+
+
+def test_kubectl_runtime_applies_follows_reads_the_exit_code_and_deletes(tmp_path, monkeypatch):
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL)
+    kubectl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    lines: list[str] = []
+    with pytest.raises(TrainingFailed) as failed:
+        KubernetesLauncher("ctrain-trainer:1", namespace="ml").run(JOB, lines.append, name="train-x")
+    assert failed.value.exit_code == 75 and failed.value.retryable
+    assert "epoch 1 eval: val_loss 0.1" in lines
+    calls = [json.loads(line) for line in (tmp_path / "kubectl.calls").read_text().splitlines()]
+    verbs = [next(a for a in c["args"] if not a.startswith("-") and a != "ml") for c in calls]
+    assert verbs == ["apply", "wait", "logs", "wait", "get", "delete"]
+    applied = json.loads(calls[0]["stdin"])
+    assert applied["kind"] == "Pod" and applied["metadata"] == {
+        "name": "train-x", "namespace": "ml", "labels": {"app": "ctrain-trainer", "ctrain/job": "train-x"}}
+    assert "s3cr3t" not in calls[0]["stdin"]  # the credential is the cluster's Secret, not the manifest's
