@@ -199,3 +199,35 @@ def test_kubernetes_pod_trains_under_podman_kube_play(engine, dp_snapshot, tmp_p
     pods = subprocess.run(["podman", "pod", "ps", "-q", "--filter", "name=ctrain-test-pod"],
                           capture_output=True, text=True, check=True)
     assert pods.stdout.strip() == "", "the pod was not removed"
+
+
+@pytest.fixture(scope="session")
+def airflow_image(engine) -> str:
+    proc = subprocess.run(["bash", "scripts/images.sh", "airflow"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=2400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(proc.stderr)
+    return "ctrain-airflow:latest"
+
+
+def test_airflow_image_parses_the_dags_with_ctrain_paths_resolved(docker_client, airflow_image):
+    """The compose profile's image: ctrain's default paths exist in it, the DAGs parse, and the docker
+    launcher's SDK is there; it runs as uid 1000."""
+    script = textwrap.dedent("""
+        import json, os
+        from pathlib import Path
+        from airflow.dag_processing.dagbag import BundleDagBag
+        from ctrain.settings import Settings
+        import docker, celery, psycopg2  # the docker launcher's SDK; CeleryExecutor; Postgres
+        s = Settings()
+        folder = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+        bag = BundleDagBag(str(folder), bundle_path=folder)
+        print(json.dumps({"uid": os.getuid(), "paths": [s.feature_repo.is_dir(), s.pipelines_dir.is_dir(),
+                          s.trainer_config.is_file()], "dags": sorted(bag.dag_ids), "errors": bag.import_errors}))
+    """)
+    out = docker_client.containers.run(airflow_image, ["python", "-c", script], network_mode="none", remove=True,
+                                       stderr=False).decode()
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["uid"] == 1000 and report["paths"] == [True, True, True], report
+    assert not report["errors"], report["errors"]
+    assert "continuous_training__fraud" in report["dags"] and "continuous_training__delivery_eta" in report["dags"]
