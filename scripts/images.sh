@@ -39,6 +39,7 @@
 #   TORCH_INDEX_URL       PyTorch wheel index for the training image (default: the host's wheel, loopback)
 #   CTRAIN_DEBIAN_MIRROR  Debian mirror for debootstrap (default: the first Debian URI in apt's sources)
 #   HOST_PYTHON           host CPython 3.11 copied into the local base (default python3.11)
+#   CTRAIN_INDEX_PORT     loopback port of the torch wheel index (default 47611; a busy one: any free port)
 #   CTRAIN_IMAGES_REBUILD=1  rebuild even when the hash tag exists
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -176,11 +177,14 @@ inputs_hash() {  # inputs_hash PATH...: hash of the git-visible files under PATH
     [[ -f $f ]] && printf '%s %s\n' "$(sha256sum < "$f" | cut -c1-64)" "$f"; done | sha256sum | cut -c1-12
 }
 
-INDEX_PID=
-stop_index() { [[ -z $INDEX_PID ]] || { kill "$INDEX_PID" 2>/dev/null; wait "$INDEX_PID" 2>/dev/null || true; INDEX_PID=; }; }
+INDEX_PID= INDEX_URL=
+stop_index() { [[ -z $INDEX_PID ]] || { kill "$INDEX_PID" 2>/dev/null; wait "$INDEX_PID" 2>/dev/null || true; INDEX_PID= INDEX_URL=; }; }
 trap stop_index EXIT
 
-torch_index() {  # a loopback PEP 503 index holding the locked torch (host's local wheel) and its deps
+torch_index() {  # sets INDEX_URL: TORCH_INDEX_URL, else a loopback PEP 503 index (this shell's child, stopped
+                 # at exit) holding the locked torch (the host's local wheel) and its deps
+  if [[ -n ${TORCH_INDEX_URL:-} ]]; then INDEX_URL=$TORCH_INDEX_URL; return; fi
+  if [[ -n $INDEX_PID ]]; then return; fi
   local version wheels=$STATE/wheels
   version=$(sed -n 's/^torch==\([^+]*\).*/\1/p' requirements.lock)
   if ! ls "$wheels"/simple/torch/torch-"$version"*.whl >/dev/null 2>&1; then
@@ -200,15 +204,21 @@ PY
     rm -rf "$wheels/dl"
   fi
   rm -f "$STATE/index.port"
+  # A fixed port when free: TORCH_INDEX_URL is a build arg, and a new value misses the layer cache of
+  # every RUN after it (the dependency installs); a busy port falls back to any free one.
   "$HOST_PYTHON" -c '
 import functools, http.server, sys
 handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+try:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[3])), handler)
+except OSError:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
 open(sys.argv[2], "w").write(str(server.server_address[1]))
-server.serve_forever()' "$wheels" "$STATE/index.port" >"$LOGS/index.log" 2>&1 &
+server.serve_forever()' "$wheels" "$STATE/index.port" "${CTRAIN_INDEX_PORT:-47611}" >"$LOGS/index.log" 2>&1 &
   INDEX_PID=$!
   local _; for _ in $(seq 50); do [[ -s $STATE/index.port ]] && break; sleep 0.1; done
-  echo "http://127.0.0.1:$(cat "$STATE/index.port")/simple"
+  [[ -s $STATE/index.port ]] || die "the loopback wheel index did not start (log $LOGS/index.log)"
+  INDEX_URL="http://127.0.0.1:$(cat "$STATE/index.port")/simple"
 }
 
 trainer_hash_tag() {
@@ -217,17 +227,17 @@ trainer_hash_tag() {
 }
 
 step_trainer() {
-  local tag base index
+  local tag base
   tag=$(trainer_hash_tag)
   if image_exists "$tag" && [[ ${CTRAIN_IMAGES_REBUILD:-} != 1 ]]; then
     docker tag "$tag" "$TRAINING_IMAGE"
     log "trainer: $tag exists (inputs unchanged); tagged $TRAINING_IMAGE"; return
   fi
   base=$(python_base)
-  index=${TORCH_INDEX_URL:-$(torch_index)}
-  log "trainer: building $tag from $base, torch from $index (log $LOGS/build-trainer.log)"
+  torch_index
+  log "trainer: building $tag from $base, torch from $INDEX_URL (log $LOGS/build-trainer.log)"
   timed build-trainer docker build --network host -f training_image/Dockerfile --build-arg "PYTHON_BASE=$base" \
-    --build-arg "TORCH_INDEX_URL=$index" -t "$tag" -t "$TRAINING_IMAGE" . >"$LOGS/build-trainer.log" 2>&1 \
+    --build-arg "TORCH_INDEX_URL=$INDEX_URL" -t "$tag" -t "$TRAINING_IMAGE" . >"$LOGS/build-trainer.log" 2>&1 \
     || { tail -30 "$LOGS/build-trainer.log" >&2; die "training image build failed"; }
   stop_index
   log "trainer: $TRAINING_IMAGE $(docker image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1/1e9}')"
@@ -270,7 +280,7 @@ step_pod_image() {
 
 # --- airflow ------------------------------------------------------------------------------------------
 step_airflow() {
-  local tag base index
+  local tag base
   tag=$AIRFLOW_IMAGE-src-$(inputs_hash Dockerfile.airflow requirements.lock pyproject.toml plugins dags \
     feature_repo pipelines training_image/pyproject.toml training_image/trainer training_image/configs .dockerignore)
   tag=${tag/:latest-/:}
@@ -278,10 +288,10 @@ step_airflow() {
     docker tag "$tag" "$AIRFLOW_IMAGE"; log "airflow: $tag exists; tagged $AIRFLOW_IMAGE"; return
   fi
   base=$(python_base)
-  index=${TORCH_INDEX_URL:-$(torch_index)}
+  torch_index
   log "airflow: building $tag from $base (log $LOGS/build-airflow.log)"
   timed build-airflow docker build --network host -f Dockerfile.airflow --build-arg "PYTHON_BASE=$base" \
-    --build-arg "TORCH_INDEX_URL=$index" -t "$tag" -t "$AIRFLOW_IMAGE" . >"$LOGS/build-airflow.log" 2>&1 \
+    --build-arg "TORCH_INDEX_URL=$INDEX_URL" -t "$tag" -t "$AIRFLOW_IMAGE" . >"$LOGS/build-airflow.log" 2>&1 \
     || { tail -30 "$LOGS/build-airflow.log" >&2; die "airflow image build failed"; }
   stop_index
   log "airflow: $AIRFLOW_IMAGE $(docker image inspect --format '{{.Size}}' "$tag" | awk '{printf "%.2f GB", $1/1e9}')"
