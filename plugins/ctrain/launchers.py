@@ -229,7 +229,7 @@ class DockerLauncher:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DockerLauncher:
-        remote = not _settings_paths_cover(settings)
+        remote = not _all_local(settings)
         return cls(settings.training_image, network=settings.docker_network or ("host" if remote else None),
                    gpus=settings.training_gpus, shm_size=settings.training_shm_size,
                    mounts=_settings_paths(settings))
@@ -359,7 +359,7 @@ def _stream_lines(chunks: Iterable[bytes], sink: Callable[[str], None]) -> None:
         sink(buffer.decode(errors="replace"))
 
 
-def _settings_paths_cover(settings: Settings) -> bool:
+def _all_local(settings: Settings) -> bool:
     """Everything the trainer touches is local (file://, SQLite) and no S3 endpoint is set."""
     uris = [settings.resolved_object_root, settings.resolved_tracking_uri, settings.resolved_artifact_root]
     return not settings.s3_endpoint_url and all(
@@ -408,7 +408,7 @@ class KubernetesLauncher:
                    tolerations=settings.k8s_tolerations, mounts=(mounts := _settings_paths(settings)),
                    # hostPath directories belong to this process's user: the trainer runs as it
                    run_as=(os.getuid(), os.getgid()) if mounts else None,
-                   runtime=settings.pod_runtime, network="none" if _settings_paths_cover(settings) else "host",
+                   runtime=settings.pod_runtime, network="none" if _all_local(settings) else "host",
                    timeout_s=settings.max_train_wall_clock_s + 600)
 
     # ---- manifests ---------------------------------------------------------------------------------
