@@ -231,3 +231,51 @@ def test_airflow_image_parses_the_dags_with_ctrain_paths_resolved(docker_client,
     assert report["uid"] == 1000 and report["paths"] == [True, True, True], report
     assert not report["errors"], report["errors"]
     assert "continuous_training__fraud" in report["dags"] and "continuous_training__delivery_eta" in report["dags"]
+
+
+def test_pipeline_train_step_in_a_container_on_s3(engine, docker_client, tmp_path, monkeypatch):
+    """CTRAIN_LAUNCHER=docker with an s3:// object root (moto server on loopback): the train step launches
+    the training image on the host network with the S3 endpoint and credentials by environment; the
+    snapshot is read from S3 and the result and checkpoints land there."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from ctrain import datagen, pipeline, registry
+    from ctrain.settings import get_settings
+    from support import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key in [k for k in os.environ if k.startswith(("CTRAIN_", "MLFLOW_", "AWS_"))]:
+        monkeypatch.delenv(key)
+    home = tmp_path / "home"
+    for key, value in {"AWS_ACCESS_KEY_ID": "AKIACONTAINERTEST", "AWS_SECRET_ACCESS_KEY": SECRET,
+                       "AWS_DEFAULT_REGION": "us-east-1", "CTRAIN_HOME": str(home),
+                       "CTRAIN_OBJECT_ROOT": "s3://ctrain/objects", "CTRAIN_S3_ENDPOINT_URL": endpoint,
+                       "CTRAIN_LAUNCHER": "docker", "CTRAIN_TRAINING_IMAGE": engine["CTRAIN_TRAINING_IMAGE"],
+                       "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ctrain")
+        settings = get_settings()
+        datagen.generate(settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=400, seed=0)
+        snapshot = pipeline.build_dataset(settings)
+        validation = pipeline.validate(settings, snapshot)
+        output: list[str] = []
+        training = pipeline.train(settings, snapshot, validation, settings.definition.dag_id, "manual__container",
+                                  {"train.epochs": 2}, sink=output.append)
+        keys = [item["Key"] for page in boto3.client("s3", endpoint_url=endpoint).get_paginator(
+                "list_objects_v2").paginate(Bucket="ctrain") for item in page.get("Contents", [])]
+    finally:
+        server.stop()
+    text = "\n".join(output)
+    assert "launching container" in text and "network host" in text, text[:2000]
+    assert snapshot["uri"].startswith("s3://ctrain/objects/datasets/")
+    assert training["status"] == "succeeded" and training["world_size"] == 2
+    assert f"objects/runs/{training['run_key']}/result.json" in keys
+    assert any(k.startswith(f"objects/checkpoints/{training['run_key']}/") for k in keys)
+    assert SECRET not in text  # the launch line holds the command, never the credentials
+    run = registry.get_client(settings).get_run(training["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
