@@ -279,3 +279,63 @@ def test_pipeline_train_step_in_a_container_on_s3(engine, docker_client, tmp_pat
     assert SECRET not in text  # the launch line holds the command, never the credentials
     run = registry.get_client(settings).get_run(training["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+
+
+def test_a_killed_training_container_is_retryable_and_the_retry_resumes(engine, docker_client, tmp_path,
+                                                                         monkeypatch):
+    """The container dies mid-run (SIGKILL): the train step fails retryably (-9), the MLflow run is not left
+    RUNNING, and the retry resumes from the container's last checkpoint into the same run."""
+    from ctrain import datagen, pipeline, registry
+    from ctrain.settings import get_settings
+
+    for key in [k for k in os.environ if k.startswith(("CTRAIN_", "MLFLOW_", "AWS_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("CTRAIN_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CTRAIN_LAUNCHER", "docker")
+    monkeypatch.setenv("CTRAIN_TRAINING_IMAGE", engine["CTRAIN_TRAINING_IMAGE"])
+    settings = get_settings()
+    datagen.generate(settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=400, seed=0)
+    snapshot = pipeline.build_dataset(settings)
+    validation = pipeline.validate(settings, snapshot)
+    overrides = {"train.epochs": 6, "early_stopping.enabled": False}
+    killed: list[str] = []
+
+    def kill_after_second_epoch(line: str) -> None:
+        if "epoch 2 eval" in line and not killed:
+            (container,) = docker_client.containers.list(filters={"label": CONTAINER_LABEL})
+            killed.append(container.name)
+            container.kill()
+
+    with pytest.raises(TrainingFailed) as failed:
+        pipeline.train(settings, snapshot, validation, settings.definition.dag_id, "manual__kill", overrides,
+                       sink=kill_after_second_epoch)
+    assert killed and failed.value.exit_code == -9 and failed.value.retryable
+    assert _ours(docker_client, killed[0]) == []
+    client = registry.get_client(settings)
+    (experiment,) = [e for e in client.search_experiments() if e.name == settings.experiment_name]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "KILLED"
+
+    # The dead container's lease on the checkpoint directory stands until it expires (60 s after its last
+    # renewal): a retry before then is refused, retryably, touching nothing; Airflow's retry delay
+    # (minutes) lets it lapse. Here: one early retry, then wait for the expiry.
+    with pytest.raises(TrainingFailed) as early:
+        pipeline.train(settings, snapshot, validation, settings.definition.dag_id, "manual__kill", overrides,
+                       sink=lambda _line: None)
+    assert early.value.exit_code == 75 and "leased" in str(early.value)
+    lease = json.loads((settings.home / "objects" / "checkpoints" / training_key(settings) / "lease.json").read_text())
+    time.sleep(max(0.0, float(lease["expires_at"]) - time.time() + 1))
+
+    output: list[str] = []
+    training = pipeline.train(settings, snapshot, validation, settings.definition.dag_id, "manual__kill",
+                              overrides, sink=output.append)
+    assert any("resumed from" in line for line in output), "\n".join(output[-30:])
+    assert training["status"] == "succeeded" and training["mlflow_run_id"] == run.info.run_id
+    (after,) = client.search_runs([experiment.experiment_id])
+    assert after.info.status == "FINISHED"
+
+
+def training_key(settings) -> str:
+    """The one run key under the home's checkpoints (this test trains one config on one snapshot)."""
+    (key,) = [p.name for p in (settings.home / "objects" / "checkpoints").iterdir()]
+    return key
