@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG_CONFIG = ROOT / "training_image" / "configs" / "debug.yaml"
 SECRET = "not-a-real-secret-0123456789"
+BUCKET = "ctrain-containers"  # not test_secrets.py's "ctrain": moto's state is per process, not per server
 
 
 @pytest.fixture(scope="session")
@@ -238,6 +239,7 @@ def test_pipeline_train_step_in_a_container_on_s3(engine, docker_client, tmp_pat
     the training image on the host network with the S3 endpoint and credentials by environment; the
     snapshot is read from S3 and the result and checkpoints land there."""
     import boto3
+    import requests
     from moto.server import ThreadedMotoServer
 
     from ctrain import datagen, pipeline, registry
@@ -253,12 +255,12 @@ def test_pipeline_train_step_in_a_container_on_s3(engine, docker_client, tmp_pat
     home = tmp_path / "home"
     for key, value in {"AWS_ACCESS_KEY_ID": "AKIACONTAINERTEST", "AWS_SECRET_ACCESS_KEY": SECRET,
                        "AWS_DEFAULT_REGION": "us-east-1", "CTRAIN_HOME": str(home),
-                       "CTRAIN_OBJECT_ROOT": "s3://ctrain/objects", "CTRAIN_S3_ENDPOINT_URL": endpoint,
+                       "CTRAIN_OBJECT_ROOT": f"s3://{BUCKET}/objects", "CTRAIN_S3_ENDPOINT_URL": endpoint,
                        "CTRAIN_LAUNCHER": "docker", "CTRAIN_TRAINING_IMAGE": engine["CTRAIN_TRAINING_IMAGE"],
                        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}.items():
         monkeypatch.setenv(key, value)
     try:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ctrain")
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
         settings = get_settings()
         datagen.generate(settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=400, seed=0)
         snapshot = pipeline.build_dataset(settings)
@@ -267,12 +269,14 @@ def test_pipeline_train_step_in_a_container_on_s3(engine, docker_client, tmp_pat
         training = pipeline.train(settings, snapshot, validation, settings.definition.dag_id, "manual__container",
                                   {"train.epochs": 2}, sink=output.append)
         keys = [item["Key"] for page in boto3.client("s3", endpoint_url=endpoint).get_paginator(
-                "list_objects_v2").paginate(Bucket="ctrain") for item in page.get("Contents", [])]
+                "list_objects_v2").paginate(Bucket=BUCKET) for item in page.get("Contents", [])]
     finally:
+        # moto's backends are this process's globals, shared by every server it starts: leave them empty
+        requests.post(f"{endpoint}/moto-api/reset", timeout=30)
         server.stop()
     text = "\n".join(output)
     assert "launching container" in text and "network host" in text, text[:2000]
-    assert snapshot["uri"].startswith("s3://ctrain/objects/datasets/")
+    assert snapshot["uri"].startswith(f"s3://{BUCKET}/objects/datasets/")
     assert training["status"] == "succeeded" and training["world_size"] == 2
     assert f"objects/runs/{training['run_key']}/result.json" in keys
     assert any(k.startswith(f"objects/checkpoints/{training['run_key']}/") for k in keys)
