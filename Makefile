@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export CTRAIN_HOME ?= $(CURDIR)/.ctrain
 
-.PHONY: install demo test test-fast lint up down clean bench
+.PHONY: install demo test test-fast lint images images-stop up down clean bench
 
 ## install: create .venv from the pinned lock (a second run is a no-op unless the lock changed)
 install: $(STAMP)
@@ -18,9 +18,11 @@ $(STAMP): requirements.lock pyproject.toml training_image/pyproject.toml
 	@touch $(STAMP)
 
 ## demo: generate data, run a pipeline's DAG end to end on embedded defaults, print a summary
-##       (PIPELINE=<name> picks pipelines/<name>.yaml; default fraud)
+##       (PIPELINE=<name> picks pipelines/<name>.yaml; default fraud). CTRAIN_LAUNCHER=docker trains in the
+##       training image (built or reused by scripts/images.sh, on its engine).
 PIPELINE ?= fraud
 demo: install
+	$(if $(filter docker,$(CTRAIN_LAUNCHER)),eval "$$(bash scripts/images.sh engine trainer env)" &&) \
 	CTRAIN_PIPELINE=$(PIPELINE) $(BIN)/python -m ctrain.demo
 
 ## test: the whole suite (slow end-to-end tests included)
@@ -33,6 +35,17 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check dags plugins training_image tests bench feature_repo
+	bash scripts/images.sh lint
+
+## images: the training image and its podman copy (scripts/images.sh: its own dockerd when none answers,
+##         a Debian-archive base when no registry does); IMAGES="trainer airflow" picks others.
+##         images-stop stops the dockerd it started.
+IMAGES ?=
+images:
+	bash scripts/images.sh $(IMAGES)
+
+images-stop:
+	bash scripts/images.sh stop
 
 ## up/down: Airflow (api-server, scheduler, dag-processor, triggerer) + MLflow UI on 127.0.0.1, login on
 up: install

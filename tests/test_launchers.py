@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from ctrain.errors import TrainingFailed
-from ctrain.launchers import DockerLauncher, KubernetesLauncher, LocalLauncher, TrainingJob, stream_process
+from ctrain.errors import ConfigError, TrainingFailed
+from ctrain.launchers import (
+    PASSTHROUGH_ENV,
+    DockerLauncher,
+    KubernetesLauncher,
+    LocalLauncher,
+    TrainingJob,
+    _container_exit,
+    get_launcher,
+    local_paths,
+    stream_process,
+)
+from ctrain.settings import Settings
 
 JOB = TrainingJob(
     config_path="/opt/airflow/training_image/configs/default.yaml",
@@ -16,6 +33,7 @@ JOB = TrainingJob(
     nproc_per_node=2,
     max_restarts=3,
 )
+TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
 
 def test_local_command_is_torchrun_with_overrides():
@@ -26,26 +44,117 @@ def test_local_command_is_torchrun_with_overrides():
                         "--set", "data.dataset_uri=file:///d/v1", "--set", "seed=7"][-8:]
 
 
-def test_docker_command_passes_env_by_name_only():
-    cmd = DockerLauncher("ctrain-trainer:1").command(JOB)
-    assert cmd[:3] == ["docker", "run", "--rm"]
-    assert "s3cr3t" not in " ".join(cmd)
-    assert cmd[cmd.index("AWS_SECRET_ACCESS_KEY") - 1] == "-e"
-    assert cmd[cmd.index("ctrain-trainer:1") + 1] == "torchrun"
-    # The host path does not exist in the container: the image's copy of the same config is used.
-    assert cmd[cmd.index("--config") + 1] == "/opt/trainer/configs/default.yaml"
+def test_docker_spec_keeps_secrets_out_of_the_command(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("CTRAIN_S3_ENDPOINT_URL", "http://minio:9000")
+    spec = DockerLauncher("ctrain-trainer:1", user="1000:1000").container_spec(JOB, "train-x")
+    assert spec["image"] == "ctrain-trainer:1" and spec["name"] == "train-x"
+    assert spec["command"][:2] == ["torchrun", "--standalone"]
+    assert "s3cr3t" not in " ".join(spec["command"]) and "AKIAEXAMPLE" not in " ".join(spec["command"])
+    # The contract travels by environment: the job's env and the PASSTHROUGH_ENV names set here.
+    assert spec["environment"]["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"
+    assert spec["environment"]["AWS_ACCESS_KEY_ID"] == "AKIAEXAMPLE"
+    assert spec["environment"]["CTRAIN_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert spec["environment"]["MLFLOW_RUN_ID"] == "abc"
+    # An S3 endpoint needs a network; the host path of the config does not exist in the container.
+    assert spec["network_mode"] == "host" and "hostname" not in spec
+    assert spec["command"][spec["command"].index("--config") + 1] == "/opt/trainer/configs/default.yaml"
+    assert spec["user"] == "1000:1000" and spec["shm_size"] == "2g" and "device_requests" not in spec
 
 
-def test_kubernetes_manifest_keeps_secrets_in_a_secret():
-    pod = KubernetesLauncher("ctrain-trainer:1", gpus=1).pod_manifest(JOB, "train-x")
+def test_docker_spec_for_local_uris_mounts_them_with_no_network(monkeypatch):
+    for name in PASSTHROUGH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    job = TrainingJob(config_path="debug.yaml",
+                      overrides={"data.dataset_uri": "file:///srv/objects/datasets/v1",
+                                 "output.uri": "file:///srv/objects/runs/k"},
+                      env={"MLFLOW_TRACKING_URI": "sqlite:////srv/home/mlflow.db"})
+    mounts = local_paths(["file:///srv/objects", "sqlite:////srv/home/mlflow.db", "/srv/home/mlartifacts"])
+    assert mounts == ["/srv/home", "/srv/objects"]
+    spec = DockerLauncher("img", mounts=mounts, gpus=2, shm_size="1g").container_spec(job, "n")
+    assert spec["network_mode"] == "none"
+    # torchrun --standalone must resolve the hostname to loopback when there is no network
+    assert spec["hostname"] == "trainer" and spec["extra_hosts"] == {"trainer": "127.0.0.1"}
+    assert spec["volumes"] == {p: {"bind": p, "mode": "rw"} for p in mounts}
+    assert spec["device_requests"][0]["Count"] == 2 and spec["device_requests"][0]["Capabilities"] == [["gpu"]]
+    assert spec["shm_size"] == "1g"
+
+
+def test_local_paths_skips_remote_uris_and_collapses_nested_ones():
+    assert local_paths(["s3://b/x", "http://mlflow:5000", None, "", "file:///a/b", "file:///a", "/c/d"]) == \
+        ["/a", "/c/d"]
+
+
+def test_container_exit_statuses_map_signals_like_the_local_launcher():
+    assert _container_exit(0) == 0 and _container_exit(75) == 75
+    assert _container_exit(137) == -9 and _container_exit(143) == -15
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("local", LocalLauncher), ("docker", DockerLauncher),
+                                           ("kubernetes", KubernetesLauncher)])
+def test_get_launcher_follows_the_setting(tmp_path, kind, cls):
+    settings = Settings(home=tmp_path, launcher=kind, training_image="img:2", docker_network="ctrain",
+                        pod_runtime="podman", k8s_node_selector={"pool": "gpu"})
+    launcher = get_launcher(settings)
+    assert isinstance(launcher, cls) and launcher.name == kind
+    if kind == "docker":
+        assert launcher.image == "img:2" and launcher.network == "ctrain"
+        assert launcher.mounts == [str(tmp_path)]  # objects, mlflow.db, mlartifacts: all under the home
+    if kind == "kubernetes":
+        assert launcher.runtime == "podman" and launcher.node_selector == {"pool": "gpu"}
+
+
+def test_get_launcher_refuses_an_unknown_kind(tmp_path):
+    with pytest.raises(ConfigError, match="CTRAIN_LAUNCHER='ssh'"):
+        get_launcher(Settings(home=tmp_path, launcher="ssh"))
+
+
+def test_kubernetes_manifest_keeps_secrets_in_a_secret(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    launcher = KubernetesLauncher("ctrain-trainer:1", gpus=1, node_selector={"pool": "gpu"},
+                                  tolerations=[TOLERATION])
+    pod = launcher.pod_manifest(JOB, "train-x")
     container = pod["spec"]["containers"][0]
     names = {e["name"] for e in container["env"]}
-    assert names == {"MLFLOW_RUN_ID"}
+    assert "MLFLOW_RUN_ID" in names and not names & {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"}
+    assert "s3cr3t" not in json.dumps(pod) and "AKIAEXAMPLE" not in json.dumps(pod)
+    assert launcher.secret_env(JOB) == {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE"}
     assert container["envFrom"] == [{"secretRef": {"name": "ctrain-trainer-env"}}]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["nodeSelector"] == {"pool": "gpu"} and pod["spec"]["tolerations"] == [TOLERATION]
     command = container["command"]
     assert command[command.index("--config") + 1] == "/opt/trainer/configs/default.yaml"
+
+
+def test_multinode_manifests_meet_through_c10d_on_pod_zero():
+    service, job = KubernetesLauncher("ctrain-trainer:1").multinode_manifests(JOB, "train-x", nodes=3)
+    assert service["kind"] == "Service" and service["spec"]["clusterIP"] == "None"
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 3
+    pod = job["spec"]["template"]["spec"]
+    assert pod["subdomain"] == "train-x"
+    assert service["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    command = pod["containers"][0]["command"]
+    assert "--nnodes=3" in command and "--rdzv-backend=c10d" in command
+    assert "--rdzv-endpoint=train-x-0.train-x:29400" in command and "--standalone" not in command
+
+
+def test_every_manifest_validates_against_the_kubernetes_schema(tmp_path):
+    """kubernetes-validate --strict (requirements.lock; offline schemas): unknown or mistyped fields fail."""
+    validator = shutil.which("kubernetes-validate", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if validator is None:
+        if os.environ.get("CI"):
+            pytest.fail("kubernetes-validate is not installed (requirements.lock; make install)")
+        pytest.skip("kubernetes-validate is not installed (make install puts it in .venv)")
+    launcher = KubernetesLauncher("ctrain-trainer:1", gpus=1, node_selector={"pool": "gpu"},
+                                  tolerations=[TOLERATION], mounts=["/srv/objects"], run_as=(1000, 1000))
+    manifests = [launcher.pod_manifest(JOB, "train-x"), *launcher.multinode_manifests(JOB, "train-y", nodes=2)]
+    files = []
+    for i, manifest in enumerate(manifests):
+        files.append(tmp_path / f"m{i}.yaml")
+        files[-1].write_text(yaml.safe_dump(manifest))
+    out = subprocess.run([validator, "--strict", *map(str, files)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_stream_process_streams_lines_and_succeeds():
@@ -61,3 +170,34 @@ def test_exit_codes_map_to_retryable_or_terminal(code, retryable):
     assert info.value.exit_code == code
     assert info.value.retryable is retryable
     assert f"code {code}" in str(info.value)
+
+
+FAKE_KUBECTL = """#!/usr/bin/env python3
+import json, sys
+args = sys.argv[1:]
+with open(sys.argv[0] + ".calls", "a") as fh:
+    fh.write(json.dumps({"args": args, "stdin": sys.stdin.read() if "apply" in args else None}) + "\\n")
+if "logs" in args:
+    print("epoch 1 eval: val_loss 0.1")
+if "get" in args:
+    print(75, end="")
+"""
+
+
+def test_kubectl_runtime_applies_follows_reads_the_exit_code_and_deletes(tmp_path, monkeypatch):
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL)
+    kubectl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    lines: list[str] = []
+    with pytest.raises(TrainingFailed) as failed:
+        KubernetesLauncher("ctrain-trainer:1", namespace="ml").run(JOB, lines.append, name="train-x")
+    assert failed.value.exit_code == 75 and failed.value.retryable
+    assert "epoch 1 eval: val_loss 0.1" in lines
+    calls = [json.loads(line) for line in (tmp_path / "kubectl.calls").read_text().splitlines()]
+    verbs = [next(a for a in c["args"] if not a.startswith("-") and a != "ml") for c in calls]
+    assert verbs == ["apply", "wait", "logs", "wait", "get", "delete"]
+    applied = json.loads(calls[0]["stdin"])
+    assert applied["kind"] == "Pod" and applied["metadata"] == {
+        "name": "train-x", "namespace": "ml", "labels": {"app": "ctrain-trainer", "ctrain/job": "train-x"}}
+    assert "s3cr3t" not in calls[0]["stdin"]  # the credential is the cluster's Secret, not the manifest's

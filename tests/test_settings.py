@@ -53,9 +53,10 @@ def test_an_unknown_ctrain_variable_is_refused_with_the_known_ones(clean_env: Pa
         get_settings()
 
 
-def test_test_hooks_are_not_settings(clean_env: Path, monkeypatch) -> None:
+def test_test_hooks_and_image_build_knobs_are_not_settings(clean_env: Path, monkeypatch) -> None:
     monkeypatch.setenv("CTRAIN_TEST_RECORD_DIR", "/tmp/x")
-    assert "CTRAIN_TEST_RECORD_DIR" not in known_variables()
+    monkeypatch.setenv("CTRAIN_IMAGES_DOCKER_STATE", "/var/lib/ctrain-docker")  # scripts/images.sh's
+    assert {"CTRAIN_TEST_RECORD_DIR", "CTRAIN_IMAGES_DOCKER_STATE"}.isdisjoint(known_variables())
     get_settings()
 
 
@@ -71,7 +72,7 @@ def test_every_ctrain_variable_the_repository_names_is_known() -> None:
         if path.suffix in {".py", ".sh", ".md", ".yaml", ".yml", ".example", ""} and path.is_file():
             named |= set(re.findall(r"\bCTRAIN_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(errors="ignore")))
     # Prefixes in prose ("CTRAIN_*"), the test-hook prefix, and a fault-injection hook that is being removed.
-    named = {n for n in named if not n.startswith("CTRAIN_TEST_")}
+    named = {n for n in named if not n.startswith(("CTRAIN_TEST_", "CTRAIN_IMAGES_"))}
     assert named - known_variables() == set()
 
 

@@ -210,7 +210,7 @@ def _launch(settings: Settings, job: TrainingJob, output_uri: str,
     # An earlier attempt's record must not speak for this one.
     storage.remove(storage.join(output_uri, FAILURE_FILE), settings)
     try:
-        get_launcher(settings.resolved_launcher, settings.training_image).run(job, sink)
+        get_launcher(settings).run(job, sink)
     except TrainingFailed as exc:
         # torchrun exits 1 whenever a worker fails; the trainer's own code (65/70/75) is in failure.json
         # (result.json may keep an earlier success, which a failed rerun never replaces).

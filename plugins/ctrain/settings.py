@@ -11,7 +11,8 @@ the real environment.
 
 A ``CTRAIN_*`` variable (in the environment or a ``.env``) that is not a setting is refused with the list
 of known ones: a typo must not silently leave the default in place. ``CTRAIN_TEST_*`` names are reserved
-for the test suites' hooks and are not settings.
+for the test suites' hooks and ``CTRAIN_IMAGES_*`` for ``scripts/images.sh`` (how images are built, not how
+the pipeline runs); neither are settings.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 ENV_PREFIX = "CTRAIN_"
 # Reserved for the test suites' own hooks (e.g. the trainer tests' CTRAIN_TEST_RECORD_DIR); never settings.
 TEST_HOOK_PREFIX = "CTRAIN_TEST_"
+# Read by scripts/images.sh only (engine state, base image, mirror, rebuild); never settings.
+IMAGES_PREFIX = "CTRAIN_IMAGES_"
+RESERVED_PREFIXES = (TEST_HOOK_PREFIX, IMAGES_PREFIX)
 
 
 def env_files() -> tuple[Path, ...]:
@@ -84,6 +88,34 @@ class Settings(BaseSettings):
         "definition names one.",
     )
     training_image: str = Field(default="ctrain-trainer:latest", description="Image for docker/k8s launchers.")
+    # The docker and kubernetes launchers (plugins/ctrain/launchers.py).
+    docker_network: str = Field(
+        default="",
+        description="Network of the training container: host, none, or a named network (compose's) to "
+        "reach MLflow/S3. Default: none when every URI is local (file://, SQLite), else host.",
+    )
+    training_shm_size: str = Field(default="2g", description="/dev/shm of the training container (docker).")
+    training_gpus: int = Field(
+        default=0, ge=-1, description="GPUs per training container or pod: 0 none, -1 all (docker), N that many."
+    )
+    training_cpu: str = Field(default="2", description="CPU request and limit of the training pod.")
+    training_memory: str = Field(default="8Gi", description="Memory request and limit of the training pod.")
+    training_secret: str = Field(
+        default="ctrain-trainer-env",
+        description="Kubernetes Secret the training pod takes its credentials from (envFrom).",
+    )
+    k8s_namespace: str = Field(default="ctrain", description="Namespace of the training pod.")
+    k8s_node_selector: dict[str, str] = Field(
+        default_factory=dict, description='nodeSelector of the training pod, JSON (e.g. {"pool": "gpu"}).'
+    )
+    k8s_tolerations: list[dict[str, str]] = Field(
+        default_factory=list, description="tolerations of the training pod, a JSON list of Kubernetes tolerations."
+    )
+    pod_runtime: str = Field(
+        default="kubectl",
+        description="What runs the training pod for the kubernetes launcher: kubectl (the current context's "
+        "cluster) or podman (podman kube play on this host).",
+    )
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO / moto), path-style.")
 
     # What a trigger may ask of the trainer: the Params' schema carries these bounds (read when the DAG
@@ -128,7 +160,7 @@ class Settings(BaseSettings):
                 "unknown ctrain setting(s): "
                 + "; ".join(f"{name} (in {where})" + _did_you_mean(name) for name, where in unknown)
                 + f". Known settings: {', '.join(sorted(known_variables()))} (see .env.example); "
-                f"{TEST_HOOK_PREFIX}* is reserved for test hooks"
+                f"{TEST_HOOK_PREFIX}* is reserved for test hooks and {IMAGES_PREFIX}* for scripts/images.sh"
             )
         return self
 
@@ -218,7 +250,7 @@ def unknown_variables() -> list[tuple[str, str]]:
     sources = [("the environment", os.environ.keys())]
     sources += [(str(path), dotenv_values(path).keys()) for path in env_files() if path.is_file()]
     return [(name, where) for where, names in sources for name in sorted(names)
-            if name.upper().startswith(ENV_PREFIX) and not name.upper().startswith(TEST_HOOK_PREFIX)
+            if name.upper().startswith(ENV_PREFIX) and not name.upper().startswith(RESERVED_PREFIXES)
             and name.upper() not in known]
 
 
