@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -55,6 +56,34 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def moto_s3(monkeypatch, env: dict[str, str], bucket: str):
+    """A moto S3 server on loopback with ``bucket`` created; yields its endpoint URL.
+
+    The environment is this test's alone: every ``CTRAIN_*``, ``MLFLOW_*`` and ``AWS_*`` variable is
+    removed, then ``env`` is set with ``CTRAIN_S3_ENDPOINT_URL`` at the server (never ``AWS_ENDPOINT_URL``:
+    ctrain must find the endpoint from its settings). On exit moto is reset (its backends are this process's
+    globals, shared by every server it starts) and stopped."""
+    import boto3
+    import requests
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for key in [k for k in os.environ if k.startswith(("CTRAIN_", "MLFLOW_", "AWS_"))]:
+            monkeypatch.delenv(key)
+        for key, value in {"AWS_DEFAULT_REGION": "us-east-1", **env, "CTRAIN_S3_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        requests.post(f"{endpoint}/moto-api/reset", timeout=30)
+        server.stop()
 
 
 # Every credential a deployment hands ctrain, each set to a value that must never be written anywhere. (The

@@ -239,42 +239,27 @@ def test_pipeline_train_step_in_a_container_on_s3(engine, docker_client, tmp_pat
     the training image on the host network with the S3 endpoint and credentials by environment; the
     snapshot is read from S3 and the result and checkpoints land there."""
     import boto3
-    import requests
-    from moto.server import ThreadedMotoServer
 
     from ctrain import pipeline, registry
     from ctrain.settings import get_settings
     from ctrain_examples import fraud
-    from support import free_port
+    from support import moto_s3
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key in [k for k in os.environ if k.startswith(("CTRAIN_", "MLFLOW_", "AWS_"))]:
-        monkeypatch.delenv(key)
     home = tmp_path / "home"
-    for key, value in {"AWS_ACCESS_KEY_ID": "AKIACONTAINERTEST", "AWS_SECRET_ACCESS_KEY": SECRET,
-                       "AWS_DEFAULT_REGION": "us-east-1", "CTRAIN_HOME": str(home),
-                       "CTRAIN_OBJECT_ROOT": f"s3://{BUCKET}/objects", "CTRAIN_S3_ENDPOINT_URL": endpoint,
-                       "CTRAIN_LAUNCHER": "docker", "CTRAIN_TRAINING_IMAGE": engine["CTRAIN_TRAINING_IMAGE"],
-                       "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}.items():
-        monkeypatch.setenv(key, value)
-    try:
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+    env = {"AWS_ACCESS_KEY_ID": "AKIACONTAINERTEST", "AWS_SECRET_ACCESS_KEY": SECRET, "CTRAIN_HOME": str(home),
+           "CTRAIN_OBJECT_ROOT": f"s3://{BUCKET}/objects", "CTRAIN_LAUNCHER": "docker",
+           "CTRAIN_TRAINING_IMAGE": engine["CTRAIN_TRAINING_IMAGE"],
+           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}"}
+    output: list[str] = []
+    with moto_s3(monkeypatch, env, BUCKET) as endpoint:
         settings = get_settings()
         fraud.generate(settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=400, seed=0)
         snapshot = pipeline.build_dataset(settings)
         validation = pipeline.validate(settings, snapshot)
-        output: list[str] = []
         training = pipeline.train(settings, snapshot, validation, settings.definition.dag_id, "manual__container",
                                   {"train.epochs": 2}, sink=output.append)
         keys = [item["Key"] for page in boto3.client("s3", endpoint_url=endpoint).get_paginator(
                 "list_objects_v2").paginate(Bucket=BUCKET) for item in page.get("Contents", [])]
-    finally:
-        # moto's backends are this process's globals, shared by every server it starts: leave them empty
-        requests.post(f"{endpoint}/moto-api/reset", timeout=30)
-        server.stop()
     text = "\n".join(output)
     assert "launching container" in text and "network host" in text, text[:2000]
     assert snapshot["uri"].startswith(f"s3://{BUCKET}/objects/datasets/")

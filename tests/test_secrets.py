@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from support import CANARIES, files_under, free_port, leaks, mlflow_records
+from support import CANARIES, files_under, leaks, mlflow_records, moto_s3
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -30,33 +30,18 @@ if TYPE_CHECKING:
 def s3_pipeline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
     """Every pipeline step on ``s3://ctrain/objects`` (moto server), credentials = the canaries."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from ctrain import pipeline
     from ctrain.settings import get_settings
     from ctrain_examples import fraud
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key in [k for k in os.environ if k.startswith(("CTRAIN_", "MLFLOW_", "AWS_"))]:
-        monkeypatch.delenv(key)
-    for key, value in {
-        **CANARIES,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "CTRAIN_HOME": str(tmp_path / "home"),
-        "CTRAIN_OBJECT_ROOT": "s3://ctrain/objects",
-        "CTRAIN_S3_ENDPOINT_URL": endpoint,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}",
-    }.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="ctrain")
-    settings = get_settings()
-    fraud.generate(settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=400, seed=0)
+    env = {**CANARIES, "CTRAIN_HOME": str(tmp_path / "home"), "CTRAIN_OBJECT_ROOT": "s3://ctrain/objects",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"}
     output: list[str] = []
     caplog.set_level(logging.INFO)  # what an Airflow task log records
-    try:
+    with moto_s3(monkeypatch, env, "ctrain") as endpoint:
+        settings = get_settings()
+        fraud.generate(settings.resolved_data_root, days=20, start="2026-01-01", rows_per_day=400, seed=0)
         snapshot = pipeline.build_dataset(settings)
         validation = pipeline.validate(settings, snapshot)
         training = pipeline.train(settings, snapshot, validation, settings.definition.dag_id, "manual__secrets",
@@ -71,8 +56,6 @@ def s3_pipeline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pyt
             for page in client.get_paginator("list_objects_v2").paginate(Bucket="ctrain")
             for item in page.get("Contents", [])
         }
-    finally:
-        server.stop()
     yield settings, training, promotion, objects, "\n".join(output), caplog.text
 
 

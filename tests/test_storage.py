@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from support import DP_DAYS, DP_ROWS_PER_DAY, DP_START, free_port
+from support import DP_DAYS, DP_ROWS_PER_DAY, DP_START, moto_s3
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -26,29 +26,14 @@ BUCKET = "ctrain"
 def s3_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Settings on ``s3://ctrain/objects`` at a moto server, and a boto3 client on the same server."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
     from ctrain.settings import get_settings
 
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    for key in [k for k in os.environ if k.startswith(("CTRAIN_", "MLFLOW_", "AWS_"))]:
-        monkeypatch.delenv(key)
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-        "CTRAIN_HOME": str(tmp_path / "home"), "CTRAIN_OBJECT_ROOT": f"s3://{BUCKET}/objects",
-        "CTRAIN_S3_ENDPOINT_URL": endpoint,
-    }.items():
-        monkeypatch.setenv(key, value)
-    assert "AWS_ENDPOINT_URL" not in os.environ and "AWS_ENDPOINT_URL_S3" not in os.environ
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket=BUCKET)
-    try:
-        yield get_settings(), client
-    finally:
-        server.stop()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "CTRAIN_HOME": str(tmp_path / "home"), "CTRAIN_OBJECT_ROOT": f"s3://{BUCKET}/objects"}
+    with moto_s3(monkeypatch, env, BUCKET) as endpoint:
+        assert "AWS_ENDPOINT_URL" not in os.environ and "AWS_ENDPOINT_URL_S3" not in os.environ
+        yield get_settings(), boto3.client("s3", endpoint_url=endpoint)
 
 
 def _keys(client) -> set[str]:

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Protocol
@@ -275,7 +275,7 @@ class DockerLauncher:
             except docker.errors.NotFound:
                 pass
             finally:
-                with _ignore(docker.errors.NotFound):
+                with suppress(docker.errors.NotFound):
                     container.remove(force=True)
                 reaper.stdin.close()  # type: ignore[union-attr]
         if code != EXIT_OK:
@@ -305,14 +305,6 @@ def _sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def _ignore(*errors: type[BaseException]) -> Iterator[None]:
-    try:
-        yield
-    except errors:
-        pass
 
 
 # A separate process (own session, so Airflow's process-group kill spares it) that removes the container

@@ -61,9 +61,13 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk or a kill mid-write leaves no partial file behind
+            Path(tmp).unlink(missing_ok=True)
+            raise
     else:
         fs.pipe_file(path, data)
 

@@ -32,17 +32,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
-from ctrain import layout
+from ctrain import landing, layout
 from ctrain.errors import ConfigError, DataError
+from ctrain.storage import write_bytes
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -278,25 +278,17 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file + rename so a reader never sees a half-written partition."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def partition_path(out: str | Path, table: str, d: date | str) -> Path:
     """Path of one daily partition of ``table`` (transactions, customer_stats or merchant_stats)."""
     d = _as_date(d)
     if table not in TABLE_KEYS:
         raise ConfigError(f"unknown table {table!r}: expected one of {sorted(TABLE_KEYS)}")
-    return layout.partition_dir(out, TRANSACTIONS if table == TRANSACTIONS else f"features/{table}", d) / PART_FILE
+    return layout.partition_dir(out, _landed_table(table), d) / PART_FILE
+
+
+def _landed_table(table: str) -> str:
+    """The landed table name (as the definition and the Feast repo read it) of a generated table."""
+    return TRANSACTIONS if table == TRANSACTIONS else f"features/{table}"
 
 
 def _day_tables(p: GenParams, w: _World, d: date) -> dict[str, pa.Table]:
@@ -323,7 +315,7 @@ def _write_day(out: Path, p: GenParams, w: _World, d: date, overwrite: bool) -> 
             )
         todo.append((path, data))
     for path, data in todo:
-        _atomic_write(path, data)
+        write_bytes(LocalFileSystem(), str(path), data)  # temp file + rename: never half a partition
     written = [path for path, _ in todo]
     return written
 
@@ -453,19 +445,15 @@ def inject_nulls(
         i = tab.column_names.index(name)
         col = tab.column(name)
         tab = tab.set_column(i, name, pc.if_else(mask, pa.scalar(None, col.type), col))
-    _atomic_write(path, _parquet_bytes(tab))
+    write_bytes(LocalFileSystem(), str(path), _parquet_bytes(tab))
     return path
 
 
 def list_partitions(out: str | Path, table: str = TRANSACTIONS) -> list[date]:
-    """Dates that have a partition of ``table`` under ``out``, sorted."""
-    base = partition_path(out, table, date(2000, 1, 1)).parent.parent
-    if not base.is_dir():
-        return []
-    dates = []
-    for p in base.glob(f"date=*/{PART_FILE}"):
-        dates.append(_as_date(p.parent.name.removeprefix("date=")))
-    return sorted(dates)
+    """Dates that have a partition of ``table`` under ``out``, sorted (``ctrain.landing``'s listing)."""
+    if table not in TABLE_KEYS:
+        raise ConfigError(f"unknown table {table!r}: expected one of {sorted(TABLE_KEYS)}")
+    return landing.list_partitions(Path(out), _landed_table(table))
 
 
 # --------------------------------------------------------------------------------------------------
