@@ -354,3 +354,17 @@ def test_kill_in_export_leaves_one_ready_model_and_resumed_metrics_are_exact(
     uri = trainer_run.checkpoint_uri
     assert f"resumed from {uri}/step-00000006 (epoch 1, step 6: 6 of its 10 steps done)" in proc.stderr
     assert f"resumed from {uri}/step-00000030 (after epoch 3, step 30)" in proc.stderr
+
+
+# ---- a config refused at load -----------------------------------------------------------------------
+@pytest.mark.slow  # a 2-process torchrun
+def test_a_config_refused_at_load_leaves_its_failure_record_under_torchrun(trainer_run: TrainerRun) -> None:
+    """Before any process group exists every rank refuses the config; torchrun stops the others when the
+    first exits, so the record must not depend on rank 0 outliving them (in a container, failure.json once
+    went missing that way; here the race is rarely lost, so this test guards the behaviour, not the race)."""
+    proc = trainer_run("train.batch_size=0", nproc=2)
+    assert proc.returncode != 0
+    failure = failure_record(trainer_run)
+    assert failure["status"] == "failed" and failure["exit_code"] == 65 and failure["retryable"] is False
+    assert "batch_size" in failure["error"] and failure["mlflow_run_id"] is None
+    assert trainer_run.runs() == []

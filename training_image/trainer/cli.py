@@ -72,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except TrainerError as exc:
         log.error("%s", exc)
-        if int(os.environ.get("RANK", "0")) == 0:
-            _record_config_failure(args.config, args.overrides, exc)
+        # Every rank records it (the same record: no process group exists yet, so no rank can wait for
+        # another): torchrun stops the others as soon as the first one exits, and a rank 0 that alone
+        # recorded it could be stopped before it did. SIGTERM waits until the record is whole.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _record_config_failure(args.config, args.overrides, exc)
         return exc.exit_code
     return run(cfg)
 
