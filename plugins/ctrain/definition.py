@@ -133,6 +133,19 @@ class Validation(_Section):
     drift: Drift = Field(default_factory=Drift, description="Drift gate against the champion's training data.")
 
 
+class Approval(_Section):
+    """When a person must approve a promotion the policy allowed (Airflow's HITL approval task)."""
+
+    required: Literal["never", "always", "on_promotion", "grey_zone"] = Field(
+        default="never",
+        description="never; always (every approved challenger); on_promotion (when a champion exists and would "
+        "be replaced); grey_zone (when a rule passed by less than its margin's width).",
+    )
+    approvers: list[str] = Field(default_factory=list, description="Airflow users who may approve (empty: any "
+                                 "user whose role may approve).")
+    timeout_s: int = Field(default=86400, ge=1, description="Seconds to wait for a person; no answer rejects.")
+
+
 class Governance(_Section):
     """Promotion rules over the test metrics (both models on the same test split)."""
 
@@ -141,6 +154,7 @@ class Governance(_Section):
     max_regression: float = Field(
         default=0.0, ge=0, description="How much worse than the champion's primary metric is still acceptable."
     )
+    approval: Approval = Field(default_factory=Approval, description="Human approval after the policy's yes.")
 
 
 class Training(_Section):

@@ -322,10 +322,20 @@ def govern(settings: Settings, evaluation: dict[str, Any], primary_metric_floor:
     for reason in decision.reasons:
         log.info("governance: %s", reason)
     result = {"approved": decision.approved, "policy_version": decision.policy_version,
-              "reasons": decision.reasons, "metrics_compared": decision.metrics_compared}
+              "reasons": decision.reasons, "metrics_compared": decision.metrics_compared,
+              "approval": approval_needed(settings.definition.governance.approval, evaluation, grey_zone=False)}
     if not decision.approved:
         raise GovernanceRejected("challenger not promoted: " + "; ".join(decision.reasons))
     return result
+
+
+def approval_needed(approval: Any, evaluation: dict[str, Any], grey_zone: bool) -> dict[str, Any]:
+    """The govern result's ``approval`` entry (the approval task's input): must a person approve, who, how
+    long to wait. ``approval`` is the definition's ``governance.approval``."""
+    required = {"never": False, "always": True, "grey_zone": grey_zone,
+                "on_promotion": evaluation.get("champion_version") is not None}[approval.required]
+    return {"required": required, "rule": approval.required, "approvers": list(approval.approvers),
+            "timeout_s": approval.timeout_s}
 
 
 def promote(settings: Settings, registration: dict[str, Any], evaluation: dict[str, Any],

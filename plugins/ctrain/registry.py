@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ctrain.errors import CtrainError, ServiceUnavailable, is_terminal
@@ -175,6 +175,8 @@ class AuditRecord:
     reasons: list[str]
     dag_run_id: str
     at: float
+    policy_sha256: str = ""  # of the policy file the decision was made under
+    details: dict[str, Any] = field(default_factory=dict)  # per-rule results, approval, links
 
 
 def write_audit(settings: Settings, record: AuditRecord) -> str:
