@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from ctrain import storage
-from ctrain.backup import Database, alembic_revision, backup, restore, verify
+from ctrain.backup import Database, alembic_revision, backup, database_urls, databases, restore, verify
 from ctrain.errors import ConfigError, DataError
 from ctrain.settings import Settings
 from support import airflow_cli, make_env, moto_s3
 
 POSTGRES_URL = os.environ.get("CTRAIN_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 ROOT = Path(__file__).resolve().parents[1]
+PG_CANARY = "ctrain-canary-pg-password-3c1f"
 
 
 def _server() -> Database:
@@ -34,7 +35,8 @@ def _server() -> Database:
 
 @pytest.fixture
 def make_db():
-    """Creates empty databases on the test server (``make_db(label) -> URL``); drops them all after."""
+    """Creates empty databases on the test server (``make_db(label, password=None) -> URL``); drops them all
+    after."""
     server = _server()
     try:
         with server.connect(autocommit=True):
@@ -45,12 +47,13 @@ def make_db():
         pytest.skip(f"no Postgres at {server.where()}: {exc}")
     names: list[str] = []
 
-    def make(label: str) -> str:
+    def make(label: str, password: str | None = None) -> str:
         name = f"ctrain_ops_drill_{uuid.uuid4().hex[:8]}_{label}"
         with server.connect(autocommit=True) as conn, conn.cursor() as cur:
             cur.execute(f'CREATE DATABASE "{name}"')
         names.append(name)
-        return f"postgresql+psycopg2://{server.user}@{server.host}:{server.port}/{name}"
+        user = f"{server.user}:{password}" if password else server.user
+        return f"postgresql+psycopg2://{user}@{server.host}:{server.port}/{name}"
 
     yield make
     with server.connect(autocommit=True) as conn, conn.cursor() as cur:
@@ -76,7 +79,7 @@ def small_deployment(tmp_path, monkeypatch, make_db):
     """Settings of a deployment with one small Postgres database (as Airflow's) and three objects."""
     for key in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_CONFIG_PATH"):
         monkeypatch.delenv(key, raising=False)
-    url = make_db("airflow")
+    url = make_db("airflow", password=PG_CANARY)  # trust auth ignores it: it shows it is written nowhere
     monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", url)
     _sql(url, "CREATE TABLE variable (key text primary key, val text); INSERT INTO variable VALUES ('k', 'v')")
     settings = Settings(home=tmp_path / "home", object_root=f"file://{tmp_path / 'objects'}",
@@ -85,6 +88,28 @@ def small_deployment(tmp_path, monkeypatch, make_db):
                        "checkpoints/k/step-00000001/manifest.json": b"{}"}.items():
         storage.put_bytes(storage.join(settings.resolved_object_root, name), data, settings)
     return settings, url
+
+
+def test_each_database_comes_from_its_own_tools_setting(tmp_path, monkeypatch):
+    server = "airflow:pw@db.internal:5433"
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"postgresql+psycopg2://{server}/airflow")
+    monkeypatch.setenv("MLFLOW_BACKEND_STORE_URI", f"postgresql://{server}/mlflow?sslmode=require")
+    (tmp_path / "auth.ini").write_text(f"[mlflow]\ndatabase_uri = postgresql://{server}/mlflow_auth\n")
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(tmp_path / "auth.ini"))
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "feature_store.yaml").write_text(
+        f"project: p\nregistry:\n  registry_type: sql\n  path: postgresql://{server}/mlflow?sslmode=require\n")
+    settings = Settings(home=tmp_path / "home", feature_repo=repo, mlflow_tracking_uri="http://mlflow:5000")
+    found, skipped = databases(settings)
+    assert [(d.name, d.dbname, d.host, d.port) for d in found] == [
+        ("airflow", "airflow", "db.internal", 5433), ("mlflow", "mlflow", "db.internal", 5433),
+        ("mlflow_auth", "mlflow_auth", "db.internal", 5433)]
+    assert skipped == {"feast": "same database as mlflow"}  # one dump is the backup of both
+    assert found[1].libpq_env() == {"PGHOST": "db.internal", "PGPORT": "5433", "PGUSER": "airflow",
+                                    "PGDATABASE": "mlflow", "PGPASSWORD": "pw", "PGSSLMODE": "require"}
+    monkeypatch.delenv("MLFLOW_BACKEND_STORE_URI")
+    assert "mlflow" not in database_urls(settings)  # an http tracking URI is a server, not a database
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -110,6 +135,7 @@ def test_backup_writes_one_manifest_with_every_hash_and_verify_accepts_it(small_
     assert manifest["stores"]["mlartifacts"]["files"] == []
     assert set(manifest["versions"]) == {"apache-airflow", "mlflow", "feast", "ctrain", "pg_dump"}
     assert json.loads((base / "manifest.json").read_text()) == manifest
+    assert not [p for p in base.rglob("*") if p.is_file() and PG_CANARY.encode() in p.read_bytes()]
     assert verify(uri, settings) == manifest
 
 
@@ -168,6 +194,7 @@ def test_restore_drill_brings_back_registry_artifacts_audit_and_airflow(tmp_path
     """Backup, DROP the databases and empty the bucket, restore, and find everything as it was."""
     import boto3
     import mlflow
+    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore as AuthStore
 
     from ctrain import registry
 
@@ -176,7 +203,8 @@ def test_restore_drill_brings_back_registry_artifacts_audit_and_airflow(tmp_path
         monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", endpoint)
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="ctrain-backups")
-        mlflow_url, airflow_url = make_db("mlflow"), make_db("airflow")
+        mlflow_url, airflow_url, auth_url = make_db("mlflow"), make_db("airflow"), make_db("auth")
+        (tmp_path / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_url}\n")
         settings = Settings(home=tmp_path / "home", object_root="s3://ctrain/objects",
                             mlflow_tracking_uri=mlflow_url, mlflow_artifact_root="s3://ctrain/mlartifacts",
                             s3_endpoint_url=endpoint)
@@ -200,6 +228,11 @@ def test_restore_drill_brings_back_registry_artifacts_audit_and_airflow(tmp_path
             at=1_700_000_000.0 + int(v))) for v, p in (("1", None), ("2", "1"))]
         audit_bytes = [storage.read_bytes(uri, settings) for uri in audits]
 
+        # MLflow basic auth: its user store (own alembic table) with a user in it
+        auth = AuthStore()
+        auth.init_db(auth_url)
+        auth.create_user("drill-user", "drill-password-1")
+
         # Airflow: a migrated metadata DB with a variable in it
         env = make_env(tmp_path / "home") | dict(os.environ) | {
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_url,
@@ -208,14 +241,16 @@ def test_restore_drill_brings_back_registry_artifacts_audit_and_airflow(tmp_path
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": "",
             "CTRAIN_HOME": str(tmp_path / "home"), "CTRAIN_OBJECT_ROOT": settings.object_root,
             "CTRAIN_MLFLOW_TRACKING_URI": mlflow_url, "CTRAIN_MLFLOW_ARTIFACT_ROOT": settings.mlflow_artifact_root,
-            "CTRAIN_BACKUP_URI": "s3://ctrain-backups/drill",
+            "CTRAIN_BACKUP_URI": "s3://ctrain-backups/drill", "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
             "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT / "training_image"),
                                            os.environ.get("PYTHONPATH", "")])}
         for args in (["db", "migrate"], ["variables", "set", "drill_variable", "kept across the restore"]):
             out = airflow_cli(args, env)
             assert out.returncode == 0, out.stdout + out.stderr
-        airflow_db, mlflow_db = Database.from_url("airflow", airflow_url), Database.from_url("mlflow", mlflow_url)
-        heads = {"airflow": alembic_revision(airflow_db), "mlflow": alembic_revision(mlflow_db)}
+        dbs = {name: Database.from_url(name, url)
+               for name, url in (("airflow", airflow_url), ("mlflow", mlflow_url), ("mlflow_auth", auth_url))}
+        heads = {name: alembic_revision(db) for name, db in dbs.items()}
+        assert heads["mlflow_auth"].startswith("alembic_version_auth:")
 
         made, backup_s = _cli(["backup"], env)
         manifest = json.loads(storage.read_bytes(storage.join(made["backup"], "manifest.json"), settings))
@@ -224,8 +259,8 @@ def test_restore_drill_brings_back_registry_artifacts_audit_and_airflow(tmp_path
         assert {s: len(c["files"]) for s, c in manifest["stores"].items()} == {"objects": 2, "mlartifacts": 2}
 
         # disaster: both databases dropped, every object of the bucket deleted
-        _drop(mlflow_url)
-        _drop(airflow_url)
+        for url in (mlflow_url, airflow_url, auth_url):
+            _drop(url)
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ctrain").get("Contents", [])]
         assert len(keys) == 4
         s3.delete_objects(Bucket="ctrain", Delete={"Objects": [{"Key": k} for k in keys]})
@@ -243,6 +278,10 @@ def test_restore_drill_brings_back_registry_artifacts_audit_and_airflow(tmp_path
                                                         dst_path=str(tmp_path / "dl"))
         assert (Path(local) / "weights.txt").read_text() == "weights of v2\n"
         assert [storage.read_bytes(uri, settings) for uri in audits] == audit_bytes
+        auth = AuthStore()
+        auth.init_db(auth_url)  # also runs its migrations: none to run
+        assert auth.authenticate_user("drill-user", "drill-password-1")
+        assert not auth.authenticate_user("drill-user", "wrong")
         out = airflow_cli(["variables", "get", "drill_variable"], env)
         assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "kept across the restore"
 
@@ -254,7 +293,7 @@ def test_restore_drill_brings_back_registry_artifacts_audit_and_airflow(tmp_path
         out = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "db", "upgrade", mlflow_url],
                              env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stdout + out.stderr
-        assert {"airflow": alembic_revision(airflow_db), "mlflow": alembic_revision(mlflow_db)} == heads
+        assert {name: alembic_revision(db) for name, db in dbs.items()} == heads
 
         # a second restore over the live databases is refused
         refused = subprocess.run([sys.executable, "-m", "ctrain.backup", "restore", made["backup"]], env=env,

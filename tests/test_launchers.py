@@ -302,7 +302,9 @@ def test_sigterm_during_a_multinode_run_deletes_the_job_and_the_service(tmp_path
     assert _verbs(calls)[-1] == "delete" and calls[-1]["args"][3:5] == ["job/train-x", "service/train-x"]
 
 
-def test_podman_cannot_run_a_multinode_job(tmp_path):
+def test_only_kubectl_runs_a_multinode_job(tmp_path):
     with pytest.raises(ConfigError, match="CTRAIN_TRAINING_NNODES=2 needs CTRAIN_POD_RUNTIME=kubectl"):
         get_launcher(Settings(home=tmp_path, launcher="kubernetes", pod_runtime="podman", training_nnodes=2))
     assert get_launcher(Settings(home=tmp_path, launcher="kubernetes", training_nnodes=4)).nnodes == 4
+    with pytest.raises(ConfigError, match="CTRAIN_TRAINING_NNODES=2 needs the kubernetes launcher"):
+        get_launcher(Settings(home=tmp_path, launcher="docker", training_nnodes=2))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = 1
+CHUNK = 8 << 20  # objects are copied and hashed in 8 MiB reads
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 # Where each database's URL comes from, as the operator would look it up (also the manifest's wording).
 DATABASE_SOURCES = {
@@ -248,13 +250,21 @@ def _versions() -> dict[str, str]:
 
 
 def alembic_revision(db: Database) -> str | None:
-    """The database's alembic head (``alembic_version``), or None for a schema alembic does not manage."""
+    """The database's alembic revision: ``alembic_version`` (Airflow, MLflow tracking), else the one other
+    ``alembic_version_*`` table (MLflow auth's ``alembic_version_auth``) as ``table:revision``; None for a
+    schema alembic does not manage (Feast's registry)."""
+    from psycopg2 import sql
+
     with db.connect() as conn, conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
-        if not cur.fetchone()[0]:
-            return None
-        cur.execute("SELECT version_num FROM alembic_version ORDER BY version_num")
-        return ",".join(row[0] for row in cur.fetchall()) or None
+        cur.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema() "
+                    "AND tablename LIKE 'alembic\\_version%' ORDER BY tablename")
+        tables = [row[0] for row in cur.fetchall()]
+        revisions = []
+        for table in tables:
+            cur.execute(sql.SQL("SELECT version_num FROM {} ORDER BY version_num").format(sql.Identifier(table)))
+            revision = ",".join(row[0] for row in cur.fetchall())
+            revisions.append(revision if table == "alembic_version" else f"{table}:{revision}")
+        return " ".join(revisions) or None
 
 
 def _dump(db: Database, fs: AbstractFileSystem, base: str) -> dict[str, Any]:
@@ -302,11 +312,48 @@ def _copy_store(uri: str, fs: AbstractFileSystem, dest: str, settings: Settings)
     src, root, names = _list_files(uri, settings)
     files = []
     for name in names:
-        data = src.cat_file(f"{root}/{name}")
-        storage.write_bytes(fs, f"{dest}/{name}", data)
-        files.append({"path": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        digest, size = _stream(src, f"{root}/{name}", fs, f"{dest}/{name}")
+        files.append({"path": name, "bytes": size, "sha256": digest})
     log.info("copied %d objects of %s", len(files), uri)
     return {"uri": uri, "files": files}
+
+
+def _stream(src_fs: AbstractFileSystem, src: str, dest_fs: AbstractFileSystem | None = None,
+            dest: str | None = None, expect: dict[str, Any] | None = None) -> tuple[str, int]:
+    """sha256 and size of the object ``src``, read in chunks (a checkpoint of any size passes in constant
+    memory) and copied to ``dest`` when given. The copy appears whole or not at all (renamed into place
+    locally; one completed upload on S3), and not at all when ``expect`` (size, sha256) does not match."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    digest, size = hashlib.sha256(), 0
+    local = isinstance(dest_fs, LocalFileSystem)
+    target = f"{dest}.{os.getpid()}.partial" if local else dest
+    if dest_fs is not None and dest is not None and local:
+        dest_fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            reader = stack.enter_context(src_fs.open(src, "rb"))
+            writer = stack.enter_context(dest_fs.open(target, "wb")) if dest_fs is not None else None
+            while chunk := reader.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if writer is not None:
+                    writer.write(chunk)
+        if expect is not None and (size, digest.hexdigest()) != (expect["bytes"], expect["sha256"]):
+            if dest_fs is not None and not local:
+                dest_fs.rm(dest)
+            raise _Changed(src)
+        if local:
+            os.replace(str(target), str(dest))
+    except BaseException:
+        if local:
+            Path(str(target)).unlink(missing_ok=True)
+        raise
+    return digest.hexdigest(), size
+
+
+class _Changed(Exception):
+    """An object's bytes did not match the manifest while it was copied."""
 
 
 # ---- verify and restore -----------------------------------------------------------------------------
@@ -329,36 +376,27 @@ def verify(uri: str, settings: Settings, keep_dumps: Path | None = None) -> dict
     checked dumps in (restore uses them, so what it restores is what was checked)."""
     manifest = read_manifest(uri, settings)
     fs, base = storage.open_fs(uri, settings)
+    from fsspec.implementations.local import LocalFileSystem
+
+    checks = [(entry["file"], entry, f"{keep_dumps / name}.dump" if keep_dumps else None)
+              for name, entry in manifest["databases"].items()]
+    checks += [(f"stores/{store}/{entry['path']}", entry, None)
+               for store, content in manifest["stores"].items() for entry in content["files"]]
     problems = []
-    for name, entry in manifest["databases"].items():
+    for path, entry, keep in checks:
         try:
-            data = fs.cat_file(f"{base}/{entry['file']}")
+            digest, size = _stream(fs, f"{base}/{path}", LocalFileSystem() if keep else None, keep)
         except FileNotFoundError:
-            problems.append(f"{entry['file']} ({name} database dump): missing")
+            problems.append(f"{path}: missing")
             continue
-        problems += _mismatch(entry["file"], data, entry)
-        if keep_dumps is not None:
-            (keep_dumps / f"{name}.dump").write_bytes(data)
-    for store, content in manifest["stores"].items():
-        for entry in content["files"]:
-            path = f"stores/{store}/{entry['path']}"
-            try:
-                problems += _mismatch(path, fs.cat_file(f"{base}/{path}"), entry)
-            except FileNotFoundError:
-                problems.append(f"{path}: missing")
+        if size != entry["bytes"]:
+            problems.append(f"{path}: {size} bytes, manifest says {entry['bytes']}")
+        elif digest != entry["sha256"]:
+            problems.append(f"{path}: sha256 {digest}, manifest says {entry['sha256']}")
     if problems:
         raise DataError(f"backup {uri} is corrupt, {len(problems)} file(s) do not match {MANIFEST}: "
                         + "; ".join(problems) + ". Nothing was restored; use another backup.")
     return manifest
-
-
-def _mismatch(path: str, data: bytes, entry: dict[str, Any]) -> list[str]:
-    if len(data) != entry["bytes"]:
-        return [f"{path}: {len(data)} bytes, manifest says {entry['bytes']}"]
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        return [f"{path}: sha256 {digest}, manifest says {entry['sha256']}"]
-    return []
 
 
 def restore(uri: str, settings: Settings, force: bool = False) -> dict[str, Any]:
@@ -389,10 +427,12 @@ def restore(uri: str, settings: Settings, force: bool = False) -> dict[str, Any]
     for store, content in manifest["stores"].items():
         dest_fs, dest = storage.open_fs(targets[store], settings)
         for entry in content["files"]:
-            data = fs.cat_file(f"{base}/stores/{store}/{entry['path']}")
-            if problem := _mismatch(f"stores/{store}/{entry['path']}", data, entry):  # changed since verify
-                raise DataError(f"backup {uri} changed during the restore: {problem[0]}")
-            storage.write_bytes(dest_fs, f"{dest}/{entry['path']}", data)
+            path = f"stores/{store}/{entry['path']}"
+            try:
+                _stream(fs, f"{base}/{path}", dest_fs, f"{dest}/{entry['path']}", expect=entry)
+            except _Changed:
+                raise DataError(f"backup {uri} changed during the restore: {path} no longer matches "
+                                f"{MANIFEST}; restore again from an intact backup") from None
     return manifest
 
 

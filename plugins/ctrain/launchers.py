@@ -654,6 +654,10 @@ def stream_process(
 def get_launcher(settings: Settings) -> Launcher:
     """The launcher the settings name (``CTRAIN_LAUNCHER``, unless the pipeline definition names one)."""
     kind = settings.resolved_launcher
+    if settings.training_nnodes > 1 and kind != "kubernetes":
+        raise ConfigError(f"CTRAIN_TRAINING_NNODES={settings.training_nnodes} needs the kubernetes launcher "
+                          f"(CTRAIN_LAUNCHER=kubernetes, CTRAIN_POD_RUNTIME=kubectl); the {kind} launcher "
+                          "trains on one node: set CTRAIN_TRAINING_NNODES=1")
     if kind == "local":
         return LocalLauncher()
     if kind == "docker":
