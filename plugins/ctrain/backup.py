@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -244,8 +245,9 @@ def _versions() -> dict[str, str]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
-    out["pg_dump"] = subprocess.run(["pg_dump", "--version"], capture_output=True, text=True,
-                                    check=True).stdout.strip()
+    pg_dump = shutil.which("pg_dump")
+    out["pg_dump"] = subprocess.run([pg_dump, "--version"], capture_output=True, text=True,
+                                    check=True).stdout.strip() if pg_dump else "not installed"
     return out
 
 
@@ -281,6 +283,9 @@ def _dump(db: Database, fs: AbstractFileSystem, base: str) -> dict[str, Any]:
 
 
 def _pg(cmd: list[str], db: Database, dbname: str) -> None:
+    if shutil.which(cmd[0]) is None:
+        raise ConfigError(f"{cmd[0]} is not on PATH: install the PostgreSQL client tools of the {db.name} "
+                          "server's major version or newer (Debian: postgresql-client-<major>)")
     env = {**os.environ, **db.libpq_env(dbname)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
