@@ -234,14 +234,16 @@ def test_restore_drill_brings_back_registry_artifacts_audit_and_airflow(tmp_path
         auth.create_user("drill-user", "drill-password-1")
 
         # Airflow: a migrated metadata DB with a variable in it
-        env = make_env(tmp_path / "home") | dict(os.environ) | {
+        # Airflow on the drill's database; ctrain on moto (make_env drops the CTRAIN_* moto_s3 set)
+        env = make_env(tmp_path / "home") | {
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": airflow_url,
             # Airflow derives postgresql+asyncpg for its async engine and asyncpg is not in the lock; the
             # CLI commands run here use the sync engine only, and an empty async URL turns the other off.
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC": "",
             "CTRAIN_HOME": str(tmp_path / "home"), "CTRAIN_OBJECT_ROOT": settings.object_root,
             "CTRAIN_MLFLOW_TRACKING_URI": mlflow_url, "CTRAIN_MLFLOW_ARTIFACT_ROOT": settings.mlflow_artifact_root,
-            "CTRAIN_BACKUP_URI": "s3://ctrain-backups/drill", "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
+            "CTRAIN_S3_ENDPOINT_URL": endpoint, "CTRAIN_BACKUP_URI": "s3://ctrain-backups/drill",
+            "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"),
             "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), str(ROOT / "training_image"),
                                            os.environ.get("PYTHONPATH", "")])}
         for args in (["db", "migrate"], ["variables", "set", "drill_variable", "kept across the restore"]):
