@@ -303,8 +303,18 @@ def test_sigterm_during_a_multinode_run_deletes_the_job_and_the_service(tmp_path
 
 
 def test_only_kubectl_runs_a_multinode_job(tmp_path):
-    with pytest.raises(ConfigError, match="CTRAIN_TRAINING_NNODES=2 needs CTRAIN_POD_RUNTIME=kubectl"):
+    with pytest.raises(ConfigError, match=r"CTRAIN_TRAINING_NNODES=2 \(or training.nnodes\) needs CTRAIN_POD_RUNTIME=kubectl"):
         get_launcher(Settings(home=tmp_path, launcher="kubernetes", pod_runtime="podman", training_nnodes=2))
     assert get_launcher(Settings(home=tmp_path, launcher="kubernetes", training_nnodes=4)).nnodes == 4
-    with pytest.raises(ConfigError, match="CTRAIN_TRAINING_NNODES=2 needs the kubernetes launcher"):
+    with pytest.raises(ConfigError, match=r"CTRAIN_TRAINING_NNODES=2 \(or the definition's training.nnodes\) "
+                       "needs the kubernetes launcher"):
         get_launcher(Settings(home=tmp_path, launcher="docker", training_nnodes=2))
+
+
+def test_the_definitions_nnodes_wins_over_the_setting(tmp_path):
+    from support import pipeline_settings
+
+    settings = pipeline_settings(tmp_path, training__nnodes=3, training__launcher="kubernetes")
+    settings = settings.model_copy(update={"training_nnodes": 5})
+    assert get_launcher(settings).nnodes == 3
+    assert get_launcher(pipeline_settings(tmp_path, training__launcher="kubernetes")).nnodes == 1

@@ -377,7 +377,7 @@ class KubernetesLauncher:
         if nnodes < 1:
             raise ConfigError(f"CTRAIN_TRAINING_NNODES={nnodes}: expected 1 or more nodes")
         if nnodes > 1 and runtime != "kubectl":
-            raise ConfigError(f"CTRAIN_TRAINING_NNODES={nnodes} needs CTRAIN_POD_RUNTIME=kubectl: multi-node "
+            raise ConfigError(f"CTRAIN_TRAINING_NNODES={nnodes} (or training.nnodes) needs CTRAIN_POD_RUNTIME=kubectl: multi-node "
                               f"training runs as a Kubernetes Indexed Job, which {runtime} cannot run; set "
                               "CTRAIN_TRAINING_NNODES=1 or train on a cluster")
         self.runtime = runtime
@@ -395,7 +395,7 @@ class KubernetesLauncher:
                    # hostPath directories belong to this process's user: the trainer runs as it
                    run_as=(os.getuid(), os.getgid()) if mounts else None,
                    runtime=settings.pod_runtime, network="none" if _all_local(settings) else "host",
-                   timeout_s=settings.max_train_wall_clock_s + 600, nnodes=settings.training_nnodes)
+                   timeout_s=settings.max_train_wall_clock_s + 600, nnodes=settings.resolved_nnodes)
 
     # ---- manifests ---------------------------------------------------------------------------------
     def _container(self, job: TrainingJob, command: list[str]) -> dict[str, Any]:
@@ -654,10 +654,10 @@ def stream_process(
 def get_launcher(settings: Settings) -> Launcher:
     """The launcher the settings name (``CTRAIN_LAUNCHER``, unless the pipeline definition names one)."""
     kind = settings.resolved_launcher
-    if settings.training_nnodes > 1 and kind != "kubernetes":
-        raise ConfigError(f"CTRAIN_TRAINING_NNODES={settings.training_nnodes} needs the kubernetes launcher "
-                          f"(CTRAIN_LAUNCHER=kubernetes, CTRAIN_POD_RUNTIME=kubectl); the {kind} launcher "
-                          "trains on one node: set CTRAIN_TRAINING_NNODES=1")
+    if settings.resolved_nnodes > 1 and kind != "kubernetes":
+        raise ConfigError(f"CTRAIN_TRAINING_NNODES={settings.resolved_nnodes} (or the definition's "
+                          "training.nnodes) needs the kubernetes launcher (CTRAIN_LAUNCHER=kubernetes, "
+                          f"CTRAIN_POD_RUNTIME=kubectl); the {kind} launcher trains on one node: set it to 1")
     if kind == "local":
         return LocalLauncher()
     if kind == "docker":

@@ -227,6 +227,10 @@ class Settings(BaseSettings):
         return self.definition.training.nproc_per_node
 
     @property
+    def resolved_nnodes(self) -> int:
+        return self.definition.training.nnodes or self.training_nnodes
+
+    @property
     def resolved_launcher(self) -> str:
         return self.definition.training.launcher or self.launcher
 
