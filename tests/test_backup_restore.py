@@ -164,6 +164,16 @@ def test_restore_refuses_a_database_with_tables_unless_forced(small_deployment, 
     assert _sql(url, "SELECT key, val FROM variable") == [("k", "v")]
 
 
+def test_a_restore_with_nowhere_to_put_a_database_is_refused_naming_its_setting(small_deployment, tmp_path,
+                                                                               monkeypatch):
+    settings, url = small_deployment
+    uri, _ = backup(settings, to=f"file://{tmp_path / 'backups'}")
+    monkeypatch.delenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
+    with pytest.raises(ConfigError, match=r"holds the airflow database \(AIRFLOW__DATABASE__SQL_ALCHEMY_CONN\)"):
+        restore(uri, settings, force=True)
+    assert _sql(url, "SELECT key, val FROM variable") == [("k", "v")]
+
+
 def test_a_backup_without_its_manifest_or_inside_the_store_is_refused(small_deployment, tmp_path):
     settings, _url = small_deployment
     (tmp_path / "half").mkdir()

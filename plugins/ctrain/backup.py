@@ -73,6 +73,7 @@ DATABASE_SOURCES = {
     "mlflow_auth": "database_uri in MLFLOW_AUTH_CONFIG_PATH",
     "feast": "registry.path of feature_store.yaml (registry_type: sql)",
 }
+STORE_SOURCES = {"objects": "CTRAIN_OBJECT_ROOT", "mlartifacts": "CTRAIN_MLFLOW_ARTIFACT_ROOT, outside the object root"}
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,13 @@ class Database:
     @classmethod
     def from_url(cls, name: str, url: str) -> Database:
         from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
 
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ConfigError(f"the {name} database URL ({DATABASE_SOURCES[name]}) is not a database URL; "
+                              "expected postgresql://user@host:port/database") from None
         if not parsed.database:
             raise ConfigError(f"the {name} database URL ({DATABASE_SOURCES[name]}) names no database")
         return cls(name=name, host=parsed.host or "127.0.0.1", port=parsed.port or 5432,
@@ -413,11 +419,11 @@ def restore(uri: str, settings: Settings, force: bool = False) -> dict[str, Any]
     targets = stores(settings)
     with tempfile.TemporaryDirectory(prefix="ctrain-restore-") as tmp:
         manifest = verify(uri, settings, keep_dumps=Path(tmp))
-        missing = [n for n in manifest["databases"] if n not in by_name]
-        missing += [f"store {s}" for s in manifest["stores"] if s not in targets]
+        missing = [f"the {n} database ({DATABASE_SOURCES[n]})" for n in manifest["databases"] if n not in by_name]
+        missing += [f"the {s} store ({STORE_SOURCES[s]})" for s in manifest["stores"] if s not in targets]
         if missing:
-            raise ConfigError(f"backup {uri} holds {', '.join(missing)}, which the current settings do not "
-                              "configure: " + "; ".join(f"{n}: {DATABASE_SOURCES.get(n, n)}" for n in missing))
+            raise ConfigError(f"backup {uri} holds {'; '.join(missing)}, which the current environment does not "
+                              "configure: set it to where that part is to be restored")
         if not force:
             busy = [f"the {n} database {by_name[n].where()} ({tables} tables)"
                     for n in manifest["databases"] if (tables := _table_count(by_name[n]))]
