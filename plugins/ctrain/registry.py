@@ -278,15 +278,15 @@ def _move(client: MlflowClient, settings: Settings, record: AuditRecord,
         log.info("holding %s", held)
         chain = reconcile(client, settings, name)
         aliases = audit.state(chain)
+        new = change(dict(aliases))
+        if new == aliases:  # a retried task whose move is done (or was completed by reconcile)
+            return _last(chain, record)
         if expected_champion is not _UNSET and aliases[CHAMPION] != expected_champion:
             raise PromotionConflict(
                 f"champion of {name} is v{aliases[CHAMPION]}, not v{expected_champion} as when this "
                 f"{record.action} was decided; re-run evaluate/govern so the challenger is compared with the "
                 "current champion. Nothing was moved."
             )
-        new = change(dict(aliases))
-        if new == aliases:
-            return None
         try:
             entry = audit.append(settings, name, asdict(record), new, chain)
         except audit.AuditConflict as exc:
@@ -295,6 +295,12 @@ def _move(client: MlflowClient, settings: Settings, record: AuditRecord,
         _apply(client, name, aliases, new)
         audit.anchor(client, name, entry)
         return entry
+
+
+def _last(chain: list[audit.Entry], record: AuditRecord) -> audit.Entry | None:
+    """The newest record of ``record``'s action on ``record``'s version."""
+    same = [e for e in chain if e.doc.get("action") == record.action and e.doc.get("version") == record.version]
+    return same[-1] if same else None
 
 
 def promote(client: MlflowClient, settings: Settings, version: str, expected_champion: str | None,
@@ -308,19 +314,13 @@ def promote(client: MlflowClient, settings: Settings, version: str, expected_cha
             return aliases
         return {**aliases, CHAMPION: version, PREVIOUS: aliases[CHAMPION] or aliases[PREVIOUS]}
 
-    if alias_version(client, name, CHAMPION) == version:  # a retried task: the move is done
-        log.info("%s v%s is already champion; nothing to do", name, version)
-        return _record_uri(client, name, version)
     entry = _move(client, settings, record, change, expected_champion)
-    if entry is None:
-        return _record_uri(client, name, version)
+    if entry is None:  # champion since before the chain began
+        log.info("%s v%s is already champion; nothing to do", name, version)
+        return ""
     client.set_model_version_tag(name, version, "promotion_audit", entry.uri)
     client.set_model_version_tag(name, version, "promoted_by", record.decided_by)
     return entry.uri
-
-
-def _record_uri(client: MlflowClient, name: str, version: str) -> str:
-    return client.get_model_version(name, version).tags.get("promotion_audit", "")
 
 
 def rollback(client: MlflowClient, settings: Settings, to: str, reason: str, decided_by: str,
@@ -343,7 +343,8 @@ def rollback(client: MlflowClient, settings: Settings, to: str, reason: str, dec
                          policy_version="", previous_champion=champion, metrics_compared={},
                          reasons=[reason], dag_run_id=dag_run_id, at=time.time(), details={"to": to})
     entry = _move(client, settings, record, lambda a: {**a, CHAMPION: target, PREVIOUS: a[CHAMPION]}, champion)
-    assert entry is not None  # target != champion under the lock, or _move raised PromotionConflict
+    if entry is None:  # cannot happen: target != champion, and the chain agrees with MLflow under the lock
+        raise CtrainError(f"rollback of {name} to v{target} wrote no audit record")
     client.set_model_version_tag(name, target, "rollback_audit", entry.uri)
     return {"model": name, "champion": target, "previous": champion, "audit_uri": entry.uri}
 
@@ -369,9 +370,12 @@ def retire(client: MlflowClient, settings: Settings, keep: int, reason: str, dec
         chain = reconcile(client, settings, name)
         held = {v for v in audit.state(chain).values() if v is not None}
         versions = _versions(client, name)
+        by_version: dict[str, list[str]] = {}  # search results carry no aliases; the registered model does
+        for alias, held_by in (client.get_registered_model(name).aliases or {}).items():
+            by_version.setdefault(str(held_by), []).append(alias)
         old = sorted(versions, key=int, reverse=True)[keep:]
         for version in sorted((v for v in old if v not in held and RETIRED_TAG not in versions[v].tags), key=int):
-            others = sorted(set(versions[version].aliases or []) - set(audit.ALIASES))
+            others = sorted(set(by_version.get(version, [])) - set(audit.ALIASES))
             now = time.time()
             record = AuditRecord(model=name, version=version, action="retire", decided_by=decided_by,
                                  policy_version="", previous_champion=None, metrics_compared={},
