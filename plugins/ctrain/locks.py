@@ -128,6 +128,6 @@ def _wait(attempt, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not attempt():
         if time.monotonic() > deadline:
-            raise ServiceUnavailable(f"{what} still held by another promotion after {timeout_s:.0f}s "
+            raise ServiceUnavailable(f"{what} still held by another promotion after {timeout_s:g}s "
                                      "(CTRAIN_LOCK_TIMEOUT_S); retry when it is done")
         time.sleep(_POLL_S)
