@@ -263,3 +263,26 @@ def test_write_audit_appends_a_decision_without_moving_aliases(client, settings)
     assert uri == chain[-1].uri and chain[-1].doc["policy_sha256"] == "abc"
     assert chain[-1].aliases == chain[-2].aliases
     assert audit.verify(settings, client, settings.model_name) == []
+
+
+def test_the_chain_on_s3_appends_with_if_none_match(tmp_path, monkeypatch):
+    """moto's server honours ``If-None-Match: *`` on PutObject: on S3 too, one writer per record number."""
+    from ctrain.settings import get_settings
+    from support import moto_s3
+
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "CTRAIN_HOME": str(tmp_path / "home"), "CTRAIN_OBJECT_ROOT": "s3://ctrain-audit/objects",
+           "CTRAIN_PIPELINES_DIR": str(pipeline_settings(tmp_path / "home", model__name="m_s3").pipelines_dir)}
+    with moto_s3(monkeypatch, env, "ctrain-audit"):
+        settings = get_settings()
+        client = registry.get_client(settings)
+        v1, v2 = registered_versions(client, settings, 2)
+        _promote(client, settings, v2, None)
+        chain = audit.read_chain(settings, "m_s3")
+        assert chain[-1].uri == "s3://ctrain-audit/objects/audit/m_s3/00000002.json"
+        assert audit.verify(settings, client, "m_s3") == []
+        with pytest.raises(FileExistsError):
+            storage.create_bytes(chain[-1].uri, b"{}", settings)
+        with pytest.raises(audit.AuditConflict):
+            audit.append(settings, "m_s3", {"action": "approve"}, audit.state(chain), chain[:-1])
+        assert audit.read_chain(settings, "m_s3")[-1].doc == chain[-1].doc
