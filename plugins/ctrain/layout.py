@@ -6,7 +6,7 @@
     {object_root}/runs/{run_key}/result.json, failure.json                             trainer output
     {object_root}/reports/validations/{dataset_version}/{result_id}/                   GX reports
     {object_root}/audit/{model}/{seq:08d}.json                                          audit chain records
-    {object_root}/locks/{model}.lock (file:// only; else {home}/locks/)                 promotion file lock
+    {object_root}/locks/{model}.lock (file:// only; else {home}/locks/)                promotion file lock
     {object_root}/state/{pipeline}/{table}_announced.json                              arrival high-water mark
     {data_root}/{table}/date=YYYY-MM-DD/*.parquet                                       landed partitions
 
