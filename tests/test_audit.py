@@ -286,3 +286,18 @@ def test_the_chain_on_s3_appends_with_if_none_match(tmp_path, monkeypatch):
         with pytest.raises(audit.AuditConflict):
             audit.append(settings, "m_s3", {"action": "approve"}, audit.state(chain), chain[:-1])
         assert audit.read_chain(settings, "m_s3")[-1].doc == chain[-1].doc
+
+
+def test_the_retire_step_keeps_the_definitions_keep_versions(home, request):
+    from ctrain import pipeline
+
+    settings = pipeline_settings(home, pipelines=home / "pipelines" / "retire_step", model__name="m_retire_step",
+                                 governance__keep_versions=1)
+    client = registry.get_client(settings)
+    v1, v2, v3 = registered_versions(client, settings, 3)
+    _promote(client, settings, v1, None)  # champion v1, challenger v3: only v2 holds nothing
+    assert pipeline.retire(settings, {"version": v1}, "manual__r") == {"model": "m_retire_step", "keep": 1,
+                                                                       "retired": [v2]}
+    record = audit.read_chain(settings, settings.model_name)[-1].doc
+    assert (record["action"], record["decided_by"], record["dag_run_id"]) == ("retire", "pipeline", "manual__r")
+    assert record["reasons"] == ["older than the newest 1 versions"]
