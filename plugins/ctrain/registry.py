@@ -268,8 +268,9 @@ def _apply(client: MlflowClient, name: str, old: audit.Aliases, new: audit.Alias
 def _move(client: MlflowClient, settings: Settings, record: AuditRecord,
           change: Callable[[audit.Aliases], audit.Aliases], expected_champion: Any = _UNSET) -> audit.Entry | None:
     """The one locked, audited alias move. ``change`` maps the current aliases to the new ones; with
-    ``expected_champion`` the move is compare-and-set on ``champion``. Returns the record written, None
-    when the aliases already were the new ones (a retried task)."""
+    ``expected_champion`` the move is compare-and-set on ``champion``. Returns the record written or, when
+    the aliases already are the new ones (a retried task), the newest record of the same action and
+    version (None if the chain has none)."""
     name = settings.model_name
     if record.model != name:
         raise ConfigError(f"audit record for model {record.model!r} passed to a move of {name!r} "
@@ -283,8 +284,8 @@ def _move(client: MlflowClient, settings: Settings, record: AuditRecord,
             return _last(chain, record)
         if expected_champion is not _UNSET and aliases[CHAMPION] != expected_champion:
             raise PromotionConflict(
-                f"champion of {name} is v{aliases[CHAMPION]}, not v{expected_champion} as when this "
-                f"{record.action} was decided; re-run evaluate/govern so the challenger is compared with the "
+                f"champion of {name} is now {_v(aliases[CHAMPION])}, but this {record.action} was decided when "
+                f"it was {_v(expected_champion)}; re-run evaluate/govern so the challenger is compared with the "
                 "current champion. Nothing was moved."
             )
         try:
@@ -295,6 +296,10 @@ def _move(client: MlflowClient, settings: Settings, record: AuditRecord,
         _apply(client, name, aliases, new)
         audit.anchor(client, name, entry)
         return entry
+
+
+def _v(version: str | None) -> str:
+    return f"v{version}" if version is not None else "unset"
 
 
 def _last(chain: list[audit.Entry], record: AuditRecord) -> audit.Entry | None:
