@@ -97,7 +97,7 @@ def test_audit_verify_exits_0_on_an_intact_chain(client, settings):
 
 
 def test_audit_verify_catches_an_edited_record(client, settings):
-    _promoted(client, settings, 2)
+    v1, v2 = _promoted(client, settings, 2)
     path = _chain_file(settings, 1)
     doc = json.loads(path.read_text())
     doc["decided_by"] = "human:mallory"
@@ -111,6 +111,10 @@ def test_audit_verify_catches_an_edited_record(client, settings):
     path.write_text(json.dumps(doc))
     assert audit.verify(settings, client, settings.model_name) == [
         f"record 1 edited or replaced: record 2 holds another hash of it ({_chain_file(settings, 2).as_uri()})"]
+    # And no alias moves on a broken chain.
+    with pytest.raises(DataError, match="is broken: record 1 edited or replaced.* Nothing was moved"):
+        registry.rollback(client, settings, "previous", "bad model", "cli:test")
+    assert registry.current_aliases(client, settings.model_name)["champion"] == v2
 
 
 def test_audit_verify_catches_a_deleted_middle_record(client, settings):
@@ -128,7 +132,7 @@ def test_a_deleted_tail_is_caught_and_blocks_the_next_move(client, settings):
     assert done.returncode == 1
     assert "audit chain BROKEN: tail missing: records 3..3 deleted" in done.stdout
     # An append would reuse number 3 and hide the deletion: every move refuses, and moves nothing.
-    with pytest.raises(DataError, match="records were deleted. Nothing was moved"):
+    with pytest.raises(DataError, match="audit chain of .* is broken: tail missing: .* Nothing was moved"):
         registry.rollback(client, settings, "previous", "bad model", "cli:test")
     assert registry.current_aliases(client, settings.model_name)["champion"] == v2
     assert len(audit.read_chain(settings, settings.model_name)) == 3

@@ -159,7 +159,19 @@ def check_head(client: MlflowClient, model: str, chain: list[Entry]) -> None:
 
 def verify(settings: Settings, client: MlflowClient, model: str) -> list[str]:
     """What is wrong with ``model``'s chain, first broken record first ([] when intact)."""
-    chain = read_chain(settings, model)
+    return problems(settings, client, model, read_chain(settings, model))
+
+
+def check(settings: Settings, client: MlflowClient, model: str, chain: list[Entry]) -> None:
+    """Refuse to move anything on a broken chain: DataError naming the first broken record."""
+    found = problems(settings, client, model, chain)
+    if found:
+        raise DataError(f"the audit chain of {model} is broken: {found[0]}. Nothing was moved; restore the "
+                        f"records from a backup of the object store (`ctrain audit verify {model}` checks it)")
+
+
+def problems(settings: Settings, client: MlflowClient, model: str, chain: list[Entry]) -> list[str]:
+    """:func:`verify` of an already read ``chain``."""
     prev_sha = ""
     for expected, entry in enumerate(chain):
         if entry.seq != expected:

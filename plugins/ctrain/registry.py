@@ -230,9 +230,10 @@ def reconcile(client: MlflowClient, settings: Settings, name: str) -> list[audit
 
     Aliases equal to the chain: nothing to do. Aliases equal to the state *before* the head record: the
     head's move was committed but not applied (a crash between the two), so it is applied now. Anything
-    else was moved outside ctrain: an ``external_move`` record with what moved, and a warning."""
+    else was moved outside ctrain: an ``external_move`` record with what moved, and a warning. A broken
+    chain (an edited or deleted record, a missing tail) refuses every move: DataError."""
     chain = audit.read_chain(settings, name)
-    audit.check_head(client, name, chain)
+    audit.check(settings, client, name, chain)
     recorded, actual = audit.state(chain), current_aliases(client, name)
     if actual == recorded:
         return chain
