@@ -89,11 +89,17 @@ def test_a_retried_promotion_writes_no_second_record(client, settings):
     assert [e.doc["action"] for e in audit.read_chain(settings, settings.model_name)] == ["register", "promote"]
 
 
-def test_audit_verify_exits_0_on_an_intact_chain(client, settings):
-    _promoted(client, settings, 2)
+def test_audit_verify_exits_0_on_an_intact_chain_and_records_outside_moves(client, settings):
+    v1, v2 = _promoted(client, settings, 2)
     done = _ctrain(settings, "audit", "verify", settings.model_name)
     assert done.returncode == 0, done.stderr
     assert f"{settings.model_name}: audit chain intact (4 records" in done.stdout
+    client.delete_registered_model_alias(settings.model_name, "previous")  # someone in the MLflow UI
+    done = _ctrain(settings, "audit", "verify", settings.model_name)
+    assert done.returncode == 0, done.stderr
+    assert (f"{settings.model_name}: aliases moved outside ctrain, recorded as record 4: "
+            f"{{'previous': {{'from': '{v1}', 'to': None}}}}") in done.stdout
+    assert f"WARNING ctrain.audit: aliases of {settings.model_name} moved outside ctrain" in done.stderr
 
 
 def test_audit_verify_catches_an_edited_record(client, settings):
@@ -162,6 +168,7 @@ def test_an_alias_moved_outside_ctrain_is_recorded_and_reported(client, settings
     client.set_registered_model_alias(settings.model_name, "champion", v1)  # someone in the MLflow UI
     with caplog.at_level("WARNING", logger="ctrain.audit"):
         chain = registry.check_external_moves(client, settings)
+    assert len(chain) == 5
     moved = chain[-1].doc
     assert moved["action"] == "external_move" and moved["decided_by"] == "outside ctrain"
     assert moved["details"]["changes"] == {"champion": {"from": v2, "to": v1}}

@@ -92,9 +92,13 @@ def _run(args: argparse.Namespace) -> int:
         if problems:
             print(f"{args.model}: audit chain BROKEN: {problems[0]}")
             return EXIT_BROKEN
+        before = len(audit.read_chain(settings, args.model))
         chain = registry.check_external_moves(client, settings)
         print(f"{args.model}: audit chain intact ({len(chain)} records"
               f"{', head ' + chain[-1].sha256[:12] if chain else ''})")
+        for entry in chain[before:]:
+            print(f"{args.model}: aliases moved outside ctrain, recorded as record {entry.seq}: "
+                  f"{entry.doc['details']['changes']}")
         return 0
     if args.command == "rollback":
         done = registry.rollback(client, settings, args.to, args.reason, user)
