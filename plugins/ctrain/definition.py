@@ -155,6 +155,9 @@ class Governance(_Section):
         default=0.0, ge=0, description="How much worse than the champion's primary metric is still acceptable."
     )
     approval: Approval = Field(default_factory=Approval, description="Human approval after the policy's yes.")
+    keep_versions: int = Field(
+        default=10, ge=1, description="Retirement keeps the newest N versions (and champion/previous/challenger)."
+    )
 
 
 class Training(_Section):

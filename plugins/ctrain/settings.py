@@ -144,6 +144,16 @@ class Settings(BaseSettings):
         description="Upper bound on train.max_wall_clock_s; the pipeline always sets one (seconds).",
     )
 
+    # The promotion lock (plugins/ctrain/locks.py): who may move a model's aliases, one at a time.
+    lock_url: str = Field(
+        default="",
+        description="Postgres URL for the promotion lock (pg_advisory_lock). Default: the MLflow tracking URI "
+        "when it is postgresql://, else a file lock under the object root (file://) or the home.",
+    )
+    lock_timeout_s: float = Field(
+        default=60.0, gt=0, description="How long a promotion, rollback or retirement waits for the lock (seconds)."
+    )
+
     # The embedded UIs (`make up`): loopback only unless opened deliberately.
     ui_host: str = Field(
         default="127.0.0.1",
@@ -188,7 +198,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("object_root", "data_root", "mlflow_tracking_uri", "mlflow_artifact_root", "s3_endpoint_url",
-                     "backup_uri")
+                     "backup_uri", "lock_url")
     @classmethod
     def _no_credentials(cls, uri: str | None) -> str | None:
         # These URIs are logged, passed as argv and stored as MLflow tags: a password in one leaks everywhere.
