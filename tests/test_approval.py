@@ -129,6 +129,23 @@ def test_a_rejection_or_a_timeout_is_audited_then_fails(registered, response, ac
     assert registry.alias_version(registry.get_client(settings), registration["model"], registry.CHAMPION) is None
 
 
+def test_a_recorded_decision_stands_for_its_run(registered):
+    settings, registration = registered
+    model, version = registration["model"], registration["version"]
+    assert approval.earlier_decision(approval.version_tags(settings, model, version), "manual__1") is None
+    with pytest.raises(approval.ApprovalRejected):
+        approval.record(settings, approval.Response("Reject", "lead", None, "no"), DECISION, registration,
+                        EVALUATION, "manual__1")
+    tags = approval.version_tags(settings, model, version)
+    with pytest.raises(approval.ApprovalRejected, match="already answered .human_reject by human:lead"):
+        approval.earlier_decision(tags, "manual__1")  # a retry of that run's task does not ask again
+    assert approval.earlier_decision(tags, "manual__2") is None  # another run asks afresh
+    approval.record(settings, approval.Response("Approve", "lead", None, "yes"), DECISION, registration,
+                    EVALUATION, "manual__2")
+    again = approval.earlier_decision(approval.version_tags(settings, model, version), "manual__2")
+    assert again["action"] == "human_approve" and again["decided_by"] == "human:lead"
+
+
 def test_the_operator_refuses_defaults():
     with pytest.raises(ValueError, match="no defaults"):
         approval.ApprovalTask(task_id="approve", pipeline="fraud", defaults="Approve")

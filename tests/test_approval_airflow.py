@@ -57,7 +57,7 @@ def _definitions(pipelines: Path) -> None:
     from ctrain.settings import PROJECT_ROOT
 
     tree = yaml.safe_load((PROJECT_ROOT / "pipelines" / "fraud.yaml").read_text())
-    tree["governance"]["floor"] = 0.5  # this test is about the person, not the policy's floor
+    tree["governance"]["floor"] = 0.0  # this test is about the person, not the policy's floor (a small world)
     tree["governance"]["approval"] = {"required": "always", "approvers": ["approver"], "timeout_s": 3600}
     tree["training"]["config"] = str(PROJECT_ROOT / tree["training"]["config"])
     tree["schedule"] = {"cron": None, "assets": []}  # runs only when a test triggers one
@@ -106,6 +106,11 @@ class Airflow:
                 return run["state"]
             assert time.monotonic() < deadline, f"run {run_id} is {run['state']} after {timeout_s} s"
             time.sleep(2)
+
+    def task_try(self, dag_id: str, run_id: str, task_id: str) -> int:
+        status, ti = self.call("admin", "GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
+        assert status == 200, ti
+        return ti["try_number"]
 
     def states(self, dag_id: str, run_id: str) -> dict[str, str]:
         status, tis = self.call("admin", "GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
@@ -212,10 +217,24 @@ def _champion(api: Airflow, pipeline: str = "fraud") -> str | None:
 
 
 def _waiting_run(api: Airflow, dag_id: str, user: str = "operator") -> str:
+    """Trigger ``dag_id`` as ``user``; return the run id once ``approve`` waits for a person.
+
+    Also waits for the process that parked the task to exit: a person answers minutes later, and an
+    answer within the second or two that process takes to exit races it in Airflow 3.3.2 (the scheduler
+    then sees the resumed task "running" and the parking process "success", and retries it; the approve
+    task's retry keeps the recorded decision, ``approval.earlier_decision``)."""
+    import psutil
+
     status, run = api.trigger(user, dag_id)
     assert status == 200, run
-    api.wait_task(dag_id, run["dag_run_id"], "approve", {"awaiting_input"}, timeout_s=900)
-    return run["dag_run_id"]
+    run_id = run["dag_run_id"]
+    api.wait_task(dag_id, run_id, "approve", {"awaiting_input"}, timeout_s=900)
+    status, ti = api.call("admin", "GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approve")
+    deadline = time.monotonic() + 60
+    while ti.get("pid") and psutil.pid_exists(ti["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(5)  # the scheduler's next loop handles the parked process's exit
+    return run_id
 
 
 def test_a_viewer_cannot_trigger(airflow):
@@ -250,6 +269,7 @@ def test_a_rejection_is_audited_and_nothing_is_promoted(airflow):
     assert airflow.wait_run(DAG, run_id) == "failed"
     states = airflow.states(DAG, run_id)
     assert states["approve"] == "failed" and states["promote"] == "upstream_failed", states
+    assert airflow.task_try(DAG, run_id, "approve") == 1, "the approve task was retried"
     assert _champion(airflow) is None
     [record] = [r for r in _audit(airflow, "fraud_detector") if r["action"] == "human_reject"]
     assert record["decided_by"] == "human:approver" and record["version"] == "1"

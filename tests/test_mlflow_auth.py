@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -44,7 +45,7 @@ def server(tmp_path_factory) -> str:
     assert (config.stat().st_mode & 0o777) == 0o600 and "default_permission = READ" in config.read_text()
     port = port_in_range()
     env = _clean_env(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_USERNAME="admin",
-                     MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD)
+                     MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN_PASSWORD, MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
     log = root / "server.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
@@ -147,7 +148,7 @@ def test_service_account_runs_the_registry_and_a_reader_cannot_move_an_alias(set
         as_reader.set_model_version_tag(reader.model_name, version, "promoted_by", "alice")
     after = registry.get_client(_as(monkeypatch, server, home, SERVICE, SERVICE_PASSWORD))
     model = after.get_registered_model(settings.model_name)
-    assert model.aliases == {registry.CHAMPION: version}, model.aliases
+    assert model.aliases == {registry.CHALLENGER: version, registry.CHAMPION: version}, model.aliases
     assert after.get_model_version(settings.model_name, version).tags["promoted_by"] == "policy:test"
 
 

@@ -13,6 +13,8 @@ Every outcome is audited (``registry.write_audit``) and tagged on the model vers
 - Reject: ``human_reject``; the task fails (``ApprovalRejected``), so promote never runs.
 - No answer in time: ``approval_timeout``, decided_by ``timeout``; the task fails the same way.
 
+A decision stands for its DAG run (tag ``approval_run``): a retried task does not ask again.
+
 Why not ``defaults``: Airflow's scheduler answers a timed-out HITL request with its ``defaults`` as if a
 person had chosen them, so ``defaults="Approve"`` approves on timeout. The operator here has no defaults:
 a timeout reaches ``execute_complete`` as an error event, which this module records as a rejection.
@@ -127,10 +129,25 @@ def build_request(settings: Settings, decision: dict[str, Any], registration: di
                            approvers=list(approval["approvers"]), timeout_s=int(approval["timeout_s"]))
 
 
-def model_card_of(settings: Settings, model: str, version: str) -> str | None:
-    """The version's ``model_card`` tag (set by the governance step when it writes a card), if any."""
-    client = registry.get_client(settings)
-    return client.get_model_version(model, version).tags.get("model_card")
+def version_tags(settings: Settings, model: str, version: str) -> dict[str, str]:
+    """The model version's tags: its ``model_card`` (set by the governance step when it writes a card)
+    and any decision already recorded (``approval``, ``approval_run``, ...)."""
+    return dict(registry.get_client(settings).get_model_version(model, version).tags)
+
+
+def earlier_decision(tags: dict[str, str], dag_run_id: str) -> dict[str, Any] | None:
+    """The decision already recorded on the version for this DAG run, if any.
+
+    A decision stands for its run: a retry of the approve task (Airflow can retry one that was resumed
+    right as its parking process exited) must not ask again, or a rejection could be overturned by a
+    second answer. Raises :class:`ApprovalRejected` for a recorded rejection or timeout."""
+    if tags.get("approval_run") != dag_run_id or tags.get("approval") not in {*ACTIONS.values(), TIMEOUT_ACTION}:
+        return None
+    if tags["approval"] != ACTIONS[APPROVE]:
+        raise ApprovalRejected(f"not promoted: this run's approval request was already answered "
+                               f"({tags['approval']} by {tags.get('approval_by')}); audit {tags.get('approval_audit')}")
+    return {"action": tags["approval"], "decided_by": tags.get("approval_by"), "audit_uri": tags.get("approval_audit"),
+            "responded_at": tags.get("approval_at"), "comment": tags.get("approval_comment", "")}
 
 
 def record(settings: Settings, response: Response, decision: dict[str, Any], registration: dict[str, Any],
@@ -161,7 +178,8 @@ def record(settings: Settings, response: Response, decision: dict[str, Any], reg
     ))
     client = registry.get_client(settings)
     for key, value in {"approval": action, "approval_by": decided_by, "approval_audit": audit_uri,
-                       "approval_at": details["responded_at"] or "", "approval_comment": response.comment}.items():
+                       "approval_at": details["responded_at"] or "", "approval_comment": response.comment,
+                       "approval_run": dag_run_id}.items():
         client.set_model_version_tag(model, version, key, value[:5000])
     outcome = {"action": action, "decided_by": decided_by, "audit_uri": audit_uri, **details}
     if response.timed_out:
@@ -245,8 +263,11 @@ def _execute(task: ApprovalTask, context: Any) -> Any:
     if not approval["required"]:
         raise AirflowSkipException(f"no human approval required (governance.approval.required: {approval['rule']})")
     settings = get_settings(pipeline=task.pipeline)
-    card = model_card_of(settings, registration["model"], registration["version"])
-    request = build_request(settings, decision, registration, evaluation, model_card=card)
+    tags = version_tags(settings, registration["model"], registration["version"])
+    if (decided := earlier_decision(tags, context["run_id"])) is not None:
+        log.info("this run's approval was already given (%s); not asking again", decided["decided_by"])
+        return decided
+    request = build_request(settings, decision, registration, evaluation, model_card=tags.get("model_card"))
     task.subject, task.body = request.subject, request.body
     task.assigned_users = [{"id": name, "name": name} for name in request.approvers] or None
     task.response_timeout = timedelta(seconds=request.timeout_s)

@@ -172,11 +172,24 @@ def setup(settings: Settings) -> dict[str, Any]:
             _ensure_registered_model(client, model, pipeline_settings.definition.model.description)
             experiment_id = registry.ensure_experiment(client, pipeline_settings)
             for username, permission in [(service, MANAGE), *((p, READ) for p in sorted(people))]:
-                auth.grant_user_permission(username, "registered_model", model, permission)
-                auth.grant_user_permission(username, "experiment", experiment_id, permission)
+                grant(auth, username, "registered_model", model, permission)
+                grant(auth, username, "experiment", experiment_id, permission)
                 summary["grants"].append({"user": username, "model": model, "experiment_id": experiment_id,
                                           "permission": permission})
     return summary
+
+
+def grant(auth: Any, username: str, resource_type: str, resource_id: str, permission: str) -> None:
+    """Give ``username`` exactly ``permission`` on the resource (an earlier grant is replaced)."""
+    from mlflow.exceptions import RestException
+
+    try:
+        auth.grant_user_permission(username, resource_type, resource_id, permission)
+    except RestException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        auth.revoke_user_permission(username, resource_type, resource_id)
+        auth.grant_user_permission(username, resource_type, resource_id, permission)
 
 
 def _ensure_registered_model(client: Any, name: str, description: str) -> None:
