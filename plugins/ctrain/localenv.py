@@ -61,7 +61,7 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        # Login on: one admin user whose password is generated into the file below (see ensure_login).
+        # Login on: the CTRAIN_AIRFLOW_USERS, passwords generated into the file below (see ensure_logins).
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         # Roles are the simple auth manager's: viewer < user (trigger, answer assigned approvals) < op < admin.
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(settings.airflow_users),
