@@ -269,6 +269,8 @@ def _execute(task: ApprovalTask, context: Any) -> Any:
         return decided
     request = build_request(settings, decision, registration, evaluation, model_card=tags.get("model_card"))
     task.subject, task.body = request.subject, request.body
+    # Airflow checks a responder's user id against these; the simple auth manager's id is the user name
+    # (an auth manager with other ids, e.g. FAB's numbers, needs the ids in the definition's approvers).
     task.assigned_users = [{"id": name, "name": name} for name in request.approvers] or None
     task.response_timeout = timedelta(seconds=request.timeout_s)
     log.info("asking %s to approve: %s", ", ".join(request.approvers) or "any approver", request.subject)
