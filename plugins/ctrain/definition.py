@@ -163,6 +163,11 @@ class Training(_Section):
         default=None, description="Where torchrun runs; null: the deployment's CTRAIN_LAUNCHER."
     )
     nproc_per_node: int = Field(default=2, ge=1, description="torchrun processes per node.")
+    nnodes: int | None = Field(
+        default=None, ge=1,
+        description="Nodes per run (kubernetes launcher with kubectl: an Indexed Job above 1); null: the "
+        "deployment's CTRAIN_TRAINING_NNODES.",
+    )
 
 
 class Schedule(_Section):
