@@ -20,7 +20,7 @@ person had chosen them, so ``defaults="Approve"`` approves on timeout. The opera
 a timeout reaches ``execute_complete`` as an error event, which this module records as a rejection.
 
 When approval is not required the task is skipped and promote (trigger rule ``none_failed``) still runs.
-Everything but :class:`ApprovalTask` (the Airflow shell) runs without Airflow.
+Everything but :class:`ApprovalTask` (the Airflow shell) is plain functions, tested without a running Airflow.
 """
 
 from __future__ import annotations
