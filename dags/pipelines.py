@@ -5,9 +5,11 @@ Generated from the pipeline definitions (`pipelines/*.yaml`): per pipeline `<nam
 **continuous_training__&lt;name&gt;**: features from the definition's Feast feature service -> Great
 Expectations gate (the definition's thresholds) -> DDP training (torchrun) -> evaluation on the
 definition's metrics -> MLflow registry -> governance (the definition's policy over its primary metric)
--> promotion -> retirement of versions older than the newest `governance.keep_versions` (never an alias
-holder); validated features are also materialized to the online store. Runs on the definition's
-cron **or** as soon as one of its Assets has an event, and from the UI with the Params below.
+-> human approval when the policy asks for one (Airflow's HITL approval, assigned to the definition's
+approvers; no answer in time rejects) -> promotion -> retirement of versions older than the newest
+`governance.keep_versions` (never an alias holder); validated features are also materialized to the online
+store. Runs on the definition's cron **or** as soon as one of its Assets has an event, and from the UI
+with the Params below.
 Re-running for the same data and config resumes or reuses the earlier training (run key = dag, dataset
 version, config): it never trains or registers twice.
 
@@ -15,7 +17,8 @@ version, config): it never trains or registers twice.
 one announced for this pipeline, then emits the table's Asset (the partition dates in its extra). The
 high-water mark lives in the object store, so a rerun never announces the same day twice.
 
-Task code lives in `plugins/ctrain/pipeline.py` and `plugins/ctrain/arrival.py`; this file is wiring only.
+Task code lives in `plugins/ctrain/pipeline.py`, `plugins/ctrain/approval.py` and `plugins/ctrain/arrival.py`;
+this file is wiring only.
 """
 
 from __future__ import annotations
@@ -25,9 +28,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pendulum
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk import (
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    TriggerRule,
+    dag,
+    get_current_context,
+    task,
+)
 
 from assets import ASSETS, DEFINITIONS
+from ctrain.approval import ApprovalTask
 from ctrain.errors import fail_fast
 from ctrain.params import trainer_overrides_schema
 from ctrain.settings import get_settings
@@ -145,7 +157,9 @@ def continuous_training(definition: PipelineDefinition) -> None:
             floor = get_current_context()["params"]["primary_metric_floor"]
             return pipeline.govern(get_settings(pipeline=name), evaluation, primary_metric_floor=floor)
 
-        @task
+        # Runs after an approval or when none was required (approve skipped); a rejection, a timeout or a
+        # failure upstream fails approve or an earlier task, and then promote never runs.
+        @task(trigger_rule=TriggerRule.NONE_FAILED)
         @fail_fast
         def promote(registration: dict, evaluation: dict, decision: dict) -> dict:
             from ctrain import pipeline
@@ -168,7 +182,10 @@ def continuous_training(definition: PipelineDefinition) -> None:
         evaluation = evaluate(training, snapshot)
         registration = register(training, snapshot, validation, evaluation)
         decision = govern(evaluation, registration)
-        retire(promote(registration, evaluation, decision))
+        approve = ApprovalTask(task_id="approve", pipeline=name)
+        promoted = promote(registration, evaluation, decision)
+        decision >> approve >> promoted
+        retire(promoted)
 
     training()
 

@@ -7,9 +7,10 @@ Python callers (the demo, the tests).
 ``python -m ctrain.localenv login`` creates the UI login if there is none and prints ``user password``.
 
 The embedded UIs listen on ``CTRAIN_UI_HOST`` (default 127.0.0.1: this machine only) and Airflow asks
-for a login: the simple auth manager's user ``admin`` with a generated password, kept in
-``{AIRFLOW_HOME}/simple_auth_manager_passwords.json.generated`` (mode 0600). ``CTRAIN_UI_HOST=0.0.0.0``
-opens both UIs to the network on purpose; MLflow has no login of its own.
+for a login: the simple auth manager's users ``CTRAIN_AIRFLOW_USERS`` (default ``admin`` (admin),
+``approver`` (user: may trigger and answer the approvals assigned to it), ``viewer`` (read only)), each
+with a generated password kept in ``{AIRFLOW_HOME}/simple_auth_manager_passwords.json.generated`` (mode
+0600). ``CTRAIN_UI_HOST=0.0.0.0`` opens both UIs to the network on purpose; MLflow has no login of its own.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def airflow_env(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        # Login on: one admin user whose password is generated into the file below (see ensure_login).
+        # Login on: the CTRAIN_AIRFLOW_USERS, passwords generated into the file below (see ensure_logins).
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{UI_USER}:admin",
+        # Roles are the simple auth manager's: viewer < user (trigger, answer assigned approvals) < op < admin.
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(settings.airflow_users),
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file(settings)),
         "AIRFLOW__API__HOST": settings.ui_host,
         "AIRFLOW__API__PORT": str(settings.airflow_port),
@@ -72,22 +74,43 @@ def airflow_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def ensure_login(settings: Settings) -> tuple[str, str]:
-    """The UI user and its password, generated (and stored with mode 0600) if there is none yet.
+def ensure_logins(settings: Settings) -> dict[str, str]:
+    """Every configured UI user's password (``{user: password}``), generated (and stored with mode 0600)
+    for those that have none yet.
 
-    Airflow would generate it too, but would also print it into the API server's log; created here,
-    the password is shown only to whoever runs ``make up``.
+    Airflow would generate them too, but would also print them into the API server's log; created here,
+    a password is shown only to whoever asks for it (``make up`` prints the admin's).
     """
     path = password_file(settings)
     passwords: dict[str, str] = json.loads(path.read_text() or "{}") if path.is_file() else {}
-    if not passwords.get(UI_USER):
-        passwords[UI_USER] = "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(16))
+    users = [entry.split(":")[0] for entry in settings.airflow_users]
+    missing = [user for user in users if not passwords.get(user)]
+    for user in missing:
+        passwords[user] = "".join(secrets.choice(_PASSWORD_ALPHABET) for _ in range(16))
+    if missing:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(passwords) + "\n")
     path.chmod(0o600)
-    return UI_USER, passwords[UI_USER]
+    return {user: passwords[user] for user in users}
+
+
+def login_user(settings: Settings) -> str:
+    """The user ``make up`` prints: the first admin of ``CTRAIN_AIRFLOW_USERS``."""
+    admins = [entry.split(":")[0] for entry in settings.airflow_users if entry.endswith(":admin")]
+    if not admins:
+        from ctrain.errors import ConfigError
+
+        raise ConfigError(f"CTRAIN_AIRFLOW_USERS={','.join(settings.airflow_users)} has no admin; "
+                          f"add one, e.g. {UI_USER}:admin")
+    return admins[0]
+
+
+def ensure_login(settings: Settings) -> tuple[str, str]:
+    """The login ``make up`` prints (:func:`login_user`) and its password; every user gets one."""
+    user = login_user(settings)
+    return user, ensure_logins(settings)[user]
 
 
 def main(argv: list[str] | None = None) -> None:

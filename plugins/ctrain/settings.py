@@ -44,6 +44,7 @@ RESERVED_PREFIXES = (TEST_HOOK_PREFIX, IMAGES_PREFIX)
 def env_files() -> tuple[Path, ...]:
     """The ``.env`` files read, lowest precedence first: the project root's, then the working directory's."""
     return (PROJECT_ROOT / ".env", Path.cwd() / ".env")
+_AIRFLOW_USER = re.compile(r"[A-Za-z0-9_.@-]+:(viewer|user|op|admin)")
 _MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -166,6 +167,21 @@ class Settings(BaseSettings):
         default=300, ge=1, description="How long `make up` waits for every component to be healthy (seconds)."
     )
 
+    # Who may do what (README "Who may do what"): Airflow's simple auth manager users, MLflow permissions.
+    airflow_users: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=("admin:admin", "approver:user", "viewer:viewer"),
+        description="Airflow UI/API users as user:role (roles: viewer, user, op, admin), comma-separated; "
+        "passwords are generated into the password file. The first admin is the login `make up` prints.",
+    )
+    mlflow_ui_url: str | None = Field(
+        default=None, description="MLflow UI base URL that approval requests link to (default: `make up`'s)."
+    )
+    mlflow_read_users_file: Path | None = Field(
+        default=None,
+        description="JSON file {user: password} (mode 0600) of people `python -m ctrain.mlflow_auth setup` "
+        "creates on a basic-auth MLflow with READ on every pipeline's model.",
+    )
+
     def __init__(self, **values: object) -> None:
         # The .env files are resolved per instance: the working directory is the caller's, not the importer's.
         values.setdefault("_env_file", tuple(p for p in env_files() if p.is_file()) or None)
@@ -195,6 +211,18 @@ class Settings(BaseSettings):
                     f"{','.join(map(str, value))!r}: expected comma-separated "
                     "dotted module paths such as trainer.model,my_pkg.models"
                 )
+        return value
+
+    @field_validator("airflow_users", mode="before")
+    @classmethod
+    def _split_users(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = tuple(u.strip() for u in value.split(",") if u.strip())
+        if isinstance(value, list | tuple):
+            bad = [u for u in value if not _AIRFLOW_USER.fullmatch(str(u))]
+            if bad or not value:
+                raise ValueError(f"{','.join(map(str, value))!r}: expected comma-separated user:role pairs "
+                                 "with role viewer, user, op or admin, e.g. admin:admin,approver:user")
         return value
 
     @field_validator("object_root", "data_root", "mlflow_tracking_uri", "mlflow_artifact_root", "s3_endpoint_url",
