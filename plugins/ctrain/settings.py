@@ -217,7 +217,8 @@ class Settings(BaseSettings):
         if uri and urlsplit(uri).password is not None:
             raise ValueError(
                 "the URI embeds a password; remove it and pass credentials by environment "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+                "PGPASSWORD for Postgres)"
             )
         return uri
 
