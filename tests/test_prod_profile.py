@@ -44,7 +44,8 @@ from support import free_port
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-pytestmark = pytest.mark.slow
+# One DAG run on real backends takes 5-10 minutes on 2 shared cores; the first test also starts the stack.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_ID = "continuous_training__fraud"
