@@ -160,12 +160,17 @@ def _docker_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory) -> Iterator[Stack]:
+def stack() -> Iterator[Stack]:
+    import shutil
+    import tempfile
+
     import docker
 
     from ctrain_examples import fraud
 
-    home = tmp_path_factory.mktemp("prod") / "home"
+    # Not under pytest's basetemp: another pytest session on the machine prunes old basetemps, and the
+    # stack's pid files must outlive them until it is stopped.
+    home = Path(tempfile.mkdtemp(prefix="ctrain-prod-")) / "home"
     pipelines = home / "pipelines"
     pipelines.mkdir(parents=True)
     definition = yaml.safe_load((ROOT / "pipelines" / "fraud.yaml").read_text())
@@ -203,6 +208,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         for container in client.containers.list(all=True, filters={"name": env["CTRAIN_DOCKER_NAME_PREFIX"]}):
             container.remove(force=True)
         client.close()
+        shutil.rmtree(home.parent, ignore_errors=True)
 
 
 def _runs_for(client, run_key: str) -> list:
