@@ -160,7 +160,7 @@ def _docker_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def stack(request) -> Iterator[Stack]:
     import shutil
     import tempfile
 
@@ -208,7 +208,10 @@ def stack() -> Iterator[Stack]:
         for container in client.containers.list(all=True, filters={"name": env["CTRAIN_DOCKER_NAME_PREFIX"]}):
             container.remove(force=True)
         client.close()
-        shutil.rmtree(home.parent, ignore_errors=True)
+        if request.session.testsfailed:
+            print(f"kept {home} (logs under prod/logs and airflow/logs)")
+        else:
+            shutil.rmtree(home.parent, ignore_errors=True)
 
 
 def _runs_for(client, run_key: str) -> list:
