@@ -244,7 +244,10 @@ def _assert_no_secret(stack: Stack, run_id: str, tries: dict[str, int]) -> None:
     argv = [(f"pid {p.pid} argv", " ".join(p.info["cmdline"] or [])) for p in psutil.process_iter(["cmdline"])]
     output = [("prod.sh up output", stack.up_output.replace(stack.ui_password, ""))]  # the login is printed
     found = [f"{where}: {name}" for where, text in [*logs, *files, *prod_logs, *argv, *output]
-             for name, value in secrets.items() if value in text]
+             for name, value in secrets.items() if value in text
+             # The S3 server's access log records who called: the access key id (an identifier, not the
+             # secret key) is in every presigned URL MLflow's artifact proxy hands out, as on real S3.
+             and not (where.endswith("/s3.log") and name == "AWS_ACCESS_KEY_ID")]
     assert not found, found
     assert logs and files, "no task log found to check"
 
