@@ -182,7 +182,11 @@ def stack(request) -> Iterator[Stack]:
     fraud.generate(home / "data", days=20, start="2026-01-01", rows_per_day=400, seed=0)
 
     docker_env = _docker_env()
-    client = docker.DockerClient(base_url=docker_env["DOCKER_HOST"])
+    try:
+        client = docker.DockerClient(base_url=docker_env["DOCKER_HOST"])
+    except docker.errors.DockerException as exc:
+        pytest.fail(f"no Docker engine at {docker_env['DOCKER_HOST']} ({exc}): start one with make images "
+                    "(CTRAIN_IMAGES_DOCKER_STATE names its state directory)")
     if not client.images.list(docker_env["CTRAIN_TRAINING_IMAGE"]):
         pytest.fail(f"training image {docker_env['CTRAIN_TRAINING_IMAGE']} is not on the engine: make images")
     prefix = f"ctrain_prod_t{uuid.uuid4().hex[:8]}"
