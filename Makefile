@@ -47,12 +47,27 @@ images:
 images-stop:
 	bash scripts/images.sh stop
 
-## up/down: Airflow (api-server, scheduler, dag-processor, triggerer) + MLflow UI on 127.0.0.1, login on
+## up/down: Airflow (api-server, scheduler, dag-processor, triggerer) + MLflow UI on 127.0.0.1, login on.
+##          PROFILE=prod: the production profile (scripts/prod.sh): Airflow and MLflow (basic auth) on
+##          Postgres, Feast on Postgres + Redis, S3 (moto) on loopback, training in the container.
+##          Plain `make down` stops whichever profile runs.
+PROFILE ?=
 up: install
+ifeq ($(PROFILE),prod)
+	@eval "$$(bash scripts/images.sh env)" && bash scripts/prod.sh up
+else
 	@bash scripts/up.sh
+endif
 
 down:
+ifeq ($(PROFILE),prod)
+	@bash scripts/prod.sh down
+else ifeq ($(PROFILE),)
 	@bash scripts/down.sh
+	@bash scripts/prod.sh down
+else
+	@bash scripts/down.sh
+endif
 
 ## bench: benchmarks (bench extra: PyTorch Lightning for the loop comparison)
 bench: install

@@ -134,3 +134,20 @@ def test_dockerfiles_pass_hadolint():
     out = subprocess.run([hadolint, "--config", ".hadolint.yaml", *DOCKERFILES], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_compose_uses_the_executor_scripts_prod_sh_runs():
+    """The compose stack and the native production profile (scripts/prod.sh, tests/test_prod_profile.py)
+    run the same executor: LocalExecutor, no Celery worker; the scheduler runs the tasks, so it alone
+    reaches the engine (the docker socket) the train task starts the training container on."""
+    from ctrain.prodenv import prod_env
+
+    executor = _service_env(COMPOSE["x-airflow"])["AIRFLOW__CORE__EXECUTOR"]
+    assert executor == prod_env(Settings())["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+    assert not [name for name, s in SERVICES.items() if "celery" in str(s.get("command", ""))]
+    socket = "/var/run/docker.sock:/var/run/docker.sock"
+    assert [name for name, s in SERVICES.items() if socket in s.get("volumes", [])] == ["airflow-scheduler"]
+    assert socket not in COMPOSE["x-airflow"]["volumes"]
+    # no password in a command line (argv): Postgres takes it from PGPASSWORD
+    commands = [str(s.get("command", "")) for s in SERVICES.values()]
+    assert not [c for c in commands if "POSTGRES_PASSWORD" in c], commands

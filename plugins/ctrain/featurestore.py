@@ -3,7 +3,8 @@ definition hash, and the online store (materialization, serving reads).
 
 The repo (``settings.feature_repo``) holds declarations only; paths come from :mod:`ctrain.settings` and
 are passed to its ``feature_store.yaml`` and declaration files as ``CTRAIN_HOME`` and ``CTRAIN_DATA_ROOT``
-(:func:`feast_env`). Heavy libraries are imported inside functions so this module is cheap to import
+(:func:`feast_env`); ``CTRAIN_FEAST_REGISTRY`` / ``CTRAIN_FEAST_ONLINE_STORE`` replace the yaml's registry
+and online store (:func:`repo_config`: a SQL registry on Postgres, Redis in the production profile). Heavy libraries are imported inside functions so this module is cheap to import
 from a DAG file.
 """
 
@@ -60,7 +61,36 @@ def feature_store(settings: Settings) -> FeatureStore:
         raise ConfigError(f"CTRAIN_FEATURE_REPO={repo}: no feature_store.yaml there")
     (Path(settings.home) / "feast").mkdir(parents=True, exist_ok=True)
     with feast_env(settings):
+        if settings.feast_registry or settings.feast_online_store:
+            return FeatureStore(repo_path=str(repo), config=repo_config(settings))
         return FeatureStore(repo_path=str(repo))
+
+
+def repo_config(settings: Settings) -> Any:
+    """The repo's ``feature_store.yaml`` with its registry and online store replaced by the settings'
+    (``CTRAIN_FEAST_REGISTRY``: a SQL registry; ``CTRAIN_FEAST_ONLINE_STORE``: Redis), so one declaration
+    repo serves the embedded defaults and the production profile.
+
+    Passwords come from the environment at this point only (``PGPASSWORD`` is read by libpq itself,
+    ``REDIS_PASSWORD`` is added to the connection string here): the settings never hold one, so nothing
+    logged or stored from them does. Call under :func:`feast_env`.
+    """
+    import yaml
+    from feast.repo_config import RepoConfig
+
+    repo = Path(settings.feature_repo)
+    raw = yaml.safe_load(os.path.expandvars((repo / "feature_store.yaml").read_text()))
+    if settings.feast_registry:
+        raw["registry"] = {"registry_type": "sql", "path": settings.feast_registry, "cache_ttl_seconds": 60,
+                           "sqlalchemy_config_kwargs": {"pool_pre_ping": True}}
+    if settings.feast_online_store:
+        connection = settings.feast_online_store
+        if os.environ.get("REDIS_PASSWORD"):
+            connection += f",password={os.environ['REDIS_PASSWORD']}"
+        raw["online_store"] = {"type": "redis", "connection_string": connection}
+    config = RepoConfig(**raw)
+    config.repo_path = repo
+    return config
 
 
 def load_repo_contents(repo: Path, project: str) -> Any:

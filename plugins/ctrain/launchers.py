@@ -194,15 +194,18 @@ class DockerLauncher:
     ``host``; or a named network (compose's) to reach MLflow and S3 by service name. ``mounts`` are host
     directories bind-mounted read-write at the same path. ``gpus``: 0 none, -1 all, N that many.
     ``user``: ``uid:gid`` the container runs as (default: this process's, so the files it writes to a
-    mounted directory belong to the Airflow worker).
+    mounted directory belong to the Airflow worker). ``name_prefix``: the container's name before a random
+    suffix (``CTRAIN_DOCKER_NAME_PREFIX``: deployments sharing an engine tell their containers apart).
     """
 
     name = "docker"
 
     def __init__(self, image: str, network: str | None = None, gpus: int = 0, shm_size: str = "2g",
                  config_dir: str = IMAGE_CONFIG_DIR, mounts: Iterable[str] = (), user: str | None = None,
-                 stop_timeout_s: int = 20, client_factory: Callable[[], Any] | None = None):
+                 stop_timeout_s: int = 20, client_factory: Callable[[], Any] | None = None,
+                 name_prefix: str = "ctrain-train-"):
         self.image = image
+        self.name_prefix = name_prefix
         self.network = network
         self.gpus = gpus
         self.shm_size = shm_size
@@ -217,7 +220,7 @@ class DockerLauncher:
         remote = not _all_local(settings)
         return cls(settings.training_image, network=settings.docker_network or ("host" if remote else None),
                    gpus=settings.training_gpus, shm_size=settings.training_shm_size,
-                   mounts=_settings_paths(settings))
+                   mounts=_settings_paths(settings), name_prefix=settings.docker_name_prefix)
 
     def _network(self, job: TrainingJob) -> str:
         if self.network:
@@ -257,7 +260,7 @@ class DockerLauncher:
 
         sink = sink or (lambda line: log.info("%s", line))
         client = self._client_factory() if self._client_factory else docker.from_env()
-        name = name or f"ctrain-train-{uuid.uuid4().hex[:12]}"
+        name = name or f"{self.name_prefix}{uuid.uuid4().hex[:12]}"
         for path in self.mounts:
             Path(path).mkdir(parents=True, exist_ok=True)
         spec = self.container_spec(job, name)

@@ -127,6 +127,37 @@ class Settings(BaseSettings):
         default="", description="Where `python -m ctrain.backup backup` writes backups (directory or s3:// "
         "prefix, outside the object root). Default: file://{home}/backups.",
     )
+    docker_name_prefix: str = Field(
+        default="ctrain-train-",
+        description="Name prefix of the training containers the docker launcher starts (a random suffix follows).",
+    )
+    # Feast: the feature repo's feature_store.yaml unless these replace its registry and online store.
+    feast_registry: str = Field(
+        default="",
+        description="SQLAlchemy URL of a Feast SQL registry (e.g. postgresql+psycopg2://user@host/db); the "
+        "password comes from PGPASSWORD. Default: feature_store.yaml's registry.",
+    )
+    feast_online_store: str = Field(
+        default="",
+        description="Redis connection string of the Feast online store (host:port[,db=N]); the password comes "
+        "from REDIS_PASSWORD. Default: feature_store.yaml's online store.",
+    )
+
+    # The production profile on this host (`make up PROFILE=prod`, scripts/prod.sh): native processes on
+    # an existing Postgres and Redis, a moto S3 endpoint, an MLflow server with basic auth.
+    prod_postgres: str = Field(
+        default="postgresql+psycopg2://postgres@127.0.0.1:5432",
+        description="Postgres server of the production profile (no database, no password: PGPASSWORD).",
+    )
+    prod_db_prefix: str = Field(
+        default="ctrain_prod", pattern=r"^[a-z_][a-z0-9_]*$",
+        description="Prefix of the profile's databases: {prefix}_airflow, _mlflow, _mlflow_auth, _feast.",
+    )
+    prod_redis: str = Field(
+        default="127.0.0.1:6379,db=11", description="Redis of the profile's Feast online store (host:port,db=N)."
+    )
+    prod_s3_port: int = Field(default=18090, ge=1, le=65535, description="Port of the profile's S3 endpoint (moto).")
+    prod_bucket: str = Field(default="ctrain-prod", description="The profile's bucket (objects and MLflow artifacts).")
 
     # What a trigger may ask of the trainer: the Params' schema carries these bounds (read when the DAG
     # is parsed) and the train task checks them again, so a trigger cannot exhaust the machine.
@@ -226,16 +257,24 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("object_root", "data_root", "mlflow_tracking_uri", "mlflow_artifact_root", "s3_endpoint_url",
-                     "backup_uri", "lock_url")
+                     "backup_uri", "lock_url", "feast_registry", "prod_postgres")
     @classmethod
     def _no_credentials(cls, uri: str | None) -> str | None:
         # These URIs are logged, passed as argv and stored as MLflow tags: a password in one leaks everywhere.
         if uri and urlsplit(uri).password is not None:
             raise ValueError(
                 "the URI embeds a password; remove it and pass credentials by environment "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)"
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, "
+                "PGPASSWORD for Postgres)"
             )
         return uri
+
+    @field_validator("feast_online_store", "prod_redis")
+    @classmethod
+    def _no_redis_password(cls, value: str) -> str:
+        if "password=" in value.replace(" ", "").lower():
+            raise ValueError("the connection string embeds a password; remove it and set REDIS_PASSWORD instead")
+        return value
 
     # ---- the pipeline's facts: owned by its definition, read through here ------------------------
     @cached_property
