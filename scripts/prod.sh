@@ -108,6 +108,9 @@ up() {
     --artifacts-destination "s3://$bucket/mlflow" --serve-artifacts \
     --host "$ui_host" --port "$mlflow_port" --workers 1
   wait_for mlflow "$logs/mlflow.log" curl -fsS --max-time 5 "$mlflow_url/health"
+  # The pipeline's service account (MLFLOW_TRACKING_USERNAME, not an admin) gets MANAGE on every pipeline's
+  # registered model and experiment; everyone else signed in has READ (the auth config's default).
+  .venv/bin/python -m ctrain.mlflow_auth setup >> "$logs/init.log" 2>&1 || fail "MLflow permissions" "$logs/init.log"
 
   airflow db migrate >> "$logs/airflow-migrate.log" 2>&1 || fail "airflow db migrate" "$logs/airflow-migrate.log"
   start airflow-api-server airflow api-server
@@ -123,7 +126,8 @@ up() {
       "the train task needs it: make images" >&2
   fi
   echo "Airflow: $airflow_url  (user $ui_user, password $ui_password; kept in $AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE)"
-  echo "MLflow : $mlflow_url  (basic auth: user $MLFLOW_TRACKING_USERNAME, password in $prod_dir/secrets.env)"
+  echo "MLflow : $mlflow_url  (basic auth: admin $MLFLOW_AUTH_ADMIN_USERNAME; the pipeline signs in as $MLFLOW_TRACKING_USERNAME;" \
+    "passwords in $prod_dir/secrets.env)"
   echo "S3     : $s3_url  (bucket $bucket; keys in $prod_dir/secrets.env)"
   echo "Logs in $logs; shell environment: eval \"\$(scripts/prod.sh env)\"; stop with: make down PROFILE=prod"
 }

@@ -125,7 +125,9 @@ class Stack:
         MLflow reads them; the fixture removes them again)."""
         from mlflow import MlflowClient
 
-        os.environ["MLFLOW_TRACKING_USERNAME"] = "admin"
+        from ctrain import prodenv
+
+        os.environ["MLFLOW_TRACKING_USERNAME"] = prodenv.SERVICE_USER
         os.environ["MLFLOW_TRACKING_PASSWORD"] = self.secrets["MLFLOW_TRACKING_PASSWORD"]
         uri = self.values["mlflow_url"]
         return MlflowClient(uri, registry_uri=uri)
@@ -257,7 +259,7 @@ def _assert_no_secret(stack: Stack, run_id: str, tries: dict[str, int]) -> None:
 
 
 def test_a_triggered_run_trains_in_the_container_and_lands_everything_in_s3(stack):
-    from ctrain import featurestore
+    from ctrain import featurestore, prodenv
     from ctrain.settings import Settings
 
     started = time.monotonic()
@@ -286,6 +288,11 @@ def test_a_triggered_run_trains_in_the_container_and_lands_everything_in_s3(stac
     assert run.info.status == "FINISHED" and run.info.run_id == training["mlflow_run_id"]
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.tags["mlflow_run_id"] == run.info.run_id
+    # The pipeline signs in as its non-admin service account (the only MLflow credentials its tasks and
+    # the container have), granted MANAGE on the model by ctrain.mlflow_auth setup in scripts/prod.sh up:
+    # the run, the version and the alias moves above were made with that grant.
+    init_log = (stack.home / "prod" / "logs" / "init.log").read_text()
+    assert f"{prodenv.SERVICE_USER}: MANAGE on registered model {MODEL}" in init_log, init_log[-2000:]
 
     # Online (Redis, materialized by the DAG) equals the newest offline row of the entity in the window.
     import pandas as pd

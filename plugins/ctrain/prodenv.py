@@ -35,7 +35,10 @@ from ctrain.settings import Settings, get_settings
 
 # The databases of the profile, {prefix}_{suffix}.
 DATABASES = ("airflow", "mlflow", "mlflow_auth", "feast")
-MLFLOW_USER = "admin"
+MLFLOW_USER = "admin"  # the server's admin: sets up permissions, nothing else signs in as it
+# The pipeline signs in as this non-admin service account, the one user with MANAGE on the pipelines'
+# registered models and experiments (``python -m ctrain.mlflow_auth setup``, run by scripts/prod.sh up).
+SERVICE_USER = "ctrain-pipeline"
 # The secrets file's variables: generated once, sourced by scripts/prod.sh, passed by environment only.
 SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_AUTH_ADMIN_PASSWORD",
                 "MLFLOW_TRACKING_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET",
@@ -83,7 +86,7 @@ def prod_env(settings: Settings) -> dict[str, str]:
         "CTRAIN_LAUNCHER": "docker",
         "CTRAIN_DOCKER_NETWORK": "host",  # the container reaches MLflow and S3 on this host's loopback
         "MLFLOW_TRACKING_URI": u["mlflow"],
-        "MLFLOW_TRACKING_USERNAME": MLFLOW_USER,
+        "MLFLOW_TRACKING_USERNAME": SERVICE_USER,
         "MLFLOW_AUTH_CONFIG_PATH": str(prod_dir(settings) / "mlflow-auth.ini"),
         "MLFLOW_AUTH_ADMIN_USERNAME": MLFLOW_USER,
         "MLFLOW_S3_ENDPOINT_URL": u["s3"],
@@ -107,9 +110,9 @@ def ensure_secrets(settings: Settings) -> dict[str, str]:
     generated = {
         "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
         "AWS_SECRET_ACCESS_KEY": secrets.token_urlsafe(30),
-        # the server creates its admin with this password; clients log in with the same one
+        # the server creates its admin with this password; the pipeline's service account has its own
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-        "MLFLOW_TRACKING_PASSWORD": password,
+        "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(18),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(30),
         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(30),
         "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(30),
