@@ -154,6 +154,12 @@ def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float 
         time.sleep(0.2)
 
 
+def version_of_run(client: MlflowClient, name: str, run_id: str) -> str | None:
+    """The version of ``name`` registered from ``run_id`` (register_challenger makes at most one), if any."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return str(versions[0].version) if versions else None
+
+
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
