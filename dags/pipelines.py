@@ -4,8 +4,8 @@ Generated from the pipeline definitions (`pipelines/*.yaml`): per pipeline `<nam
 
 **continuous_training__&lt;name&gt;**: features from the definition's Feast feature service -> Great
 Expectations gate (the definition's thresholds) -> DDP training (torchrun) -> evaluation on the
-definition's metrics -> MLflow registry -> governance (the pipeline's policy file: floors, non-inferiority with intervals, slices, lineage, size, latency)
--> promotion; validated features are also materialized to the online store. Runs on the definition's
+definition's metrics -> MLflow registry -> governance (the pipeline's policy file: floors, non-inferiority
+with intervals, slices, lineage, size, latency) -> promotion; validated features are also materialized to the online store. Runs on the definition's
 cron **or** as soon as one of its Assets has an event, and from the UI with the Params below.
 Re-running for the same data and config resumes or reuses the earlier training (run key = dag, dataset
 version, config): it never trains or registers twice.

@@ -310,16 +310,16 @@ def _fields(model: type[BaseModel], prefix: str = "") -> Iterable[tuple[str, str
     for name, field in model.model_fields.items():
         annotation = field.annotation
         nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        items = getattr(annotation, "__args__", ()) if getattr(annotation, "__origin__", None) is list else ()
+        if len(items) == 1 and isinstance(items[0], type) and issubclass(items[0], BaseModel):
+            yield f"{prefix}{name}", "list", "`[]`", field.description or ""
+            yield from _fields(items[0], f"{prefix}{name}[].")
+            continue
         if nested is None:  # `X | None` of a section
             args = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
             nested = args[0] if len(args) == 1 and name != "feature_ranges" else None
         if nested is not None and nested is not Range:
             yield from _fields(nested, f"{prefix}{name}.")
-            continue
-        items = getattr(annotation, "__args__", ()) if getattr(annotation, "__origin__", None) is list else ()
-        if len(items) == 1 and isinstance(items[0], type) and issubclass(items[0], BaseModel):
-            yield f"{prefix}{name}", "list", "`[]`", field.description or ""
-            yield from _fields(items[0], f"{prefix}{name}[].")
             continue
         kind = str(annotation)
         for noise in ("typing.", "ctrain.definition.", "ctrain.governance.", "__main__.", "pathlib."):

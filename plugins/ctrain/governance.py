@@ -275,9 +275,11 @@ def non_inferiority_rule(rule: NonInferiority, metric: str, direction: _Directio
     limit = 0.0 if rule.require_superiority else -rule.margin
     grey = passed and rule.grey_width > 0 and worst - limit <= rule.grey_width
     level = f"{100 * (1 - rule.alpha):g}%"
+    gain = ci.estimate if direction.higher else -ci.estimate
     verdict = ("better than the champion" if better else
-               "not significantly better than the champion (the interval includes no gain)" if best > 0 else
-               "worse than the champion")
+               "worse than the champion" if best < 0 else
+               f"better on the point estimate ({gain:+.4f}) but not significantly: the interval includes no gain"
+               if gain > 0 else "not significantly different from the champion")
     interval = f"[{ci.low:+.4f}, {ci.high:+.4f}]"
     reason = (f"test_{metric} challenger - champion = {ci.estimate:+.4f}, {level} {ci.method} interval {interval} "
               f"on {len(y)} paired rows: {verdict}; "
