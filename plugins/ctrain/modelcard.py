@@ -137,7 +137,7 @@ def _evaluation(metrics: dict[str, float], decision: dict[str, Any] | None, name
 
 
 def _log(client: Any, settings: Settings, mv: Any, card: dict[str, Any]) -> None:
-    """Log the three files (JSON last is not needed: each is one artifact write) and link the version."""
+    """Log the three files and link the version (tag ``model_card``, and the description)."""
     for name, text in ((CARD_MD, render_markdown(card)), (CARD_HTML, render_html(card)),
                        (CARD_JSON, json.dumps(card, indent=2, sort_keys=True, default=str))):
         client.log_text(mv.run_id, text, f"{CARD_DIR}/{name}")
@@ -150,7 +150,7 @@ def _log(client: Any, settings: Settings, mv: Any, card: dict[str, Any]) -> None
 # ---- rendering --------------------------------------------------------------------------------------
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return str(int(value)) if value.is_integer() and abs(value) >= 1000 else f"{value:.4f}"
     return "" if value is None else str(value)
 
 
@@ -207,14 +207,15 @@ def _sections(card: dict[str, Any]) -> list[tuple[str, list[list[str]] | str]]:
 
 
 def render_markdown(card: dict[str, Any]) -> str:
+    """The card as Markdown; values are HTML-escaped too (Markdown viewers render raw HTML) and pipes escaped."""
     def cell(value: str) -> str:
-        return value.replace("|", "\\|").replace("\n", " ")
+        return html.escape(value, quote=False).replace("|", "\\|").replace("\n", " ")
 
     lines = [f"# Model card: {card['model']} v{card['version']}", ""]
     for title, body in _sections(card):
         lines += [f"## {title}", ""]
         if isinstance(body, str):
-            lines.append(body)
+            lines.append(html.escape(body, quote=False))
         elif body:
             header = body[0] if len(body[0]) > 2 else ["", ""]
             rows = body[1:] if len(body[0]) > 2 else body

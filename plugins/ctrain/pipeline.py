@@ -465,6 +465,7 @@ def promote(settings: Settings, registration: dict[str, Any], evaluation: dict[s
         decided_by=f"policy:{decision['policy_version']}", policy_version=decision["policy_version"],
         previous_champion=evaluation["champion_version"], metrics_compared=decision["metrics_compared"],
         reasons=decision["reasons"], dag_run_id=dag_run_id, at=time.time(),
+        policy_sha256=decision.get("policy_sha256", ""),
     )
     audit_uri = registry.promote(client, settings, registration["version"], evaluation["champion_version"], record)
     return {"model": registration["model"], "version": registration["version"], "alias": registry.CHAMPION,
