@@ -43,31 +43,36 @@ class Interval:
 
 
 # ---- weighted metrics: value per resample from bootstrap counts w (resamples x rows) --------------
-def _auc(w: np.ndarray, y: np.ndarray, score: np.ndarray) -> np.ndarray:
-    """ROC AUC per row of ``w``: the weighted probability a positive outscores a negative (ties half)."""
+def _auc(y: np.ndarray, score: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """f(counts) -> ROC AUC per resample: the weighted probability a positive outscores a negative (ties
+    count half). The scores are sorted once; per resample it is cumulative sums over groups of equal scores."""
     order = np.argsort(score, kind="mergesort")
-    s, pos = score[order], y[order] == 1
-    ws = w[:, order]
-    wpos, wneg = ws * pos, ws * ~pos
-    # Negatives strictly below each row, and tied with it: by groups of equal scores.
+    s, pos = score[order], (y[order] == 1)
     starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    neg_cum = np.cumsum(wneg, axis=1)
-    neg_before_group = np.concatenate([np.zeros((len(w), 1)), neg_cum[:, starts[1:] - 1]], axis=1)
-    neg_in_group = np.add.reduceat(wneg, starts, axis=1)
-    pos_in_group = np.add.reduceat(wpos, starts, axis=1)
-    wins = (pos_in_group * (neg_before_group + 0.5 * neg_in_group)).sum(axis=1)
-    return wins / (wpos.sum(axis=1) * wneg.sum(axis=1))
+
+    def auc(w: np.ndarray) -> np.ndarray:
+        ws = w[:, order]
+        wpos = ws * pos
+        wneg = ws - wpos
+        neg_in_group = np.add.reduceat(wneg, starts, axis=1)
+        pos_in_group = np.add.reduceat(wpos, starts, axis=1)
+        neg_before_group = np.cumsum(neg_in_group, axis=1) - neg_in_group
+        wins = np.einsum("ij,ij->i", pos_in_group, neg_before_group + 0.5 * neg_in_group, dtype="float64")
+        return wins / (wpos.sum(axis=1, dtype="float64") * wneg.sum(axis=1, dtype="float64"))
+
+    return auc
 
 
 def _weighted_mean(terms: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda w: (w @ terms) / w.sum(axis=1)
+    terms32 = terms.astype("float32")
+    return lambda w: (w @ terms32).astype("float64") / w.sum(axis=1, dtype="float64")
 
 
 def _metric(name: str, y: np.ndarray, p: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     """f(counts) -> the metric ``name`` for each resample, from labels ``y`` and served outputs ``p``."""
     eps = 1e-15
     if name in DELONG_METRICS:
-        return lambda w: _auc(w, y, p.reshape(-1))
+        return _auc(y, p.reshape(-1))
     if name == "accuracy":
         hit = (p.argmax(axis=1) == y) if p.ndim == 2 and p.shape[1] > 1 else ((p.reshape(-1) >= 0.5) == y)
         return _weighted_mean(hit.astype("float64"))
@@ -85,7 +90,8 @@ def _metric(name: str, y: np.ndarray, p: np.ndarray) -> Callable[[np.ndarray], n
     if name == "mae":
         return _weighted_mean(np.abs(y - q))
     if name == "r2":
-        sse, ym, y2 = _weighted_mean((y - q) ** 2), _weighted_mean(y), _weighted_mean(y.astype("float64") ** 2)
+        yc = y - y.mean()  # r2 is shift-invariant; centring keeps E[y^2] - E[y]^2 accurate in float32
+        sse, ym, y2 = _weighted_mean((y - q) ** 2), _weighted_mean(yc), _weighted_mean(yc**2)
         return lambda w: 1 - sse(w) / (y2(w) - ym(w) ** 2)
     raise ValueError(f"no paired bootstrap for metric {name!r}; supported: {', '.join(sorted(BOOTSTRAP_METRICS))}")
 
@@ -99,8 +105,9 @@ def _resample_counts(n: int, samples: int, seed: int):
     chunk = max(1, _CHUNK_CELLS // max(n, 1))
     for start in range(0, samples, chunk):
         b = min(chunk, samples - start)
-        rows = rng.integers(0, n, size=(b, n))
-        yield np.bincount((rows + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n).astype("float64")
+        rows = rng.integers(0, n, size=(b, n), dtype=np.int64) + n * np.arange(b, dtype=np.int64)[:, None]
+        # float32 holds every count exactly and halves the memory traffic of the per-resample sums.
+        yield np.bincount(rows.ravel(), minlength=b * n).reshape(b, n).astype("float32")
 
 
 def _percentiles(values: list[np.ndarray], alpha: float) -> tuple[float, float]:
