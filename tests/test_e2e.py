@@ -143,7 +143,7 @@ def test_policy_decisions_are_recorded_with_intervals_and_the_model_card(trained
     assert all(r["passed"] for r in rules.values()), audit["reasons"]
     ni = rules["non_inferiority"]["numbers"]
     assert (ni["method"], ni["estimate"], ni["better"]) == ("delong", 0.0, False)  # v1 against itself
-    assert audit["previous_champion"] == mv.version
+    assert audit["previous_champion"] == str(mv.version)
     judged = [s for s in rules["slice:amount"]["numbers"]["segments"] if s["judged"]]
     assert len(judged) >= 3
     assert rules["lineage"]["numbers"]["image"] == "local"
