@@ -174,7 +174,7 @@ class AuditRecord:
     model: str
     version: str
     action: str  # "promote" | "reject"
-    decided_by: str  # "policy:<governance.version>" or "human:<user>"
+    decided_by: str  # "policy:<policy file's version>" or "human:<user>"
     policy_version: str
     previous_champion: str | None
     metrics_compared: dict[str, Any]
