@@ -5,7 +5,9 @@ Generated from the pipeline definitions (`pipelines/*.yaml`): per pipeline `<nam
 **continuous_training__&lt;name&gt;**: features from the definition's Feast feature service -> Great
 Expectations gate (the definition's thresholds) -> DDP training (torchrun) -> evaluation on the
 definition's metrics -> MLflow registry -> governance (the pipeline's policy file: floors, non-inferiority
-with intervals, slices, lineage, size, latency) -> promotion; validated features are also materialized to the online store. Runs on the definition's
+with intervals, slices, lineage, size, latency) -> promotion -> retirement of versions older than the newest
+`governance.keep_versions` (never an alias holder); validated features are also materialized to the online
+store. Runs on the definition's
 cron **or** as soon as one of its Assets has an event, and from the UI with the Params below.
 Re-running for the same data and config resumes or reuses the earlier training (run key = dag, dataset
 version, config): it never trains or registers twice.
@@ -152,6 +154,14 @@ def continuous_training(definition: PipelineDefinition) -> None:
             return pipeline.promote(get_settings(pipeline=name), registration, evaluation, decision,
                                     get_current_context()["run_id"])
 
+        @task
+        @fail_fast
+        def retire(promotion: dict) -> dict:
+            from ctrain import pipeline
+
+            # promotion is an input for ordering only: retirement never races the promotion it follows.
+            return pipeline.retire(get_settings(pipeline=name), promotion, get_current_context()["run_id"])
+
         snapshot = build_dataset()
         validation = validate(snapshot)
         training = train(snapshot, validation)
@@ -159,7 +169,7 @@ def continuous_training(definition: PipelineDefinition) -> None:
         evaluation = evaluate(training, snapshot)
         registration = register(training, snapshot, validation, evaluation)
         decision = govern(evaluation, registration)
-        promote(registration, evaluation, decision)
+        retire(promote(registration, evaluation, decision))
 
     training()
 

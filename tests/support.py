@@ -134,3 +134,21 @@ def mlflow_records(tracking_uri: str):
         yield f"model version {version.name} v{version.version} tags", repr(version.tags).encode()
     for model in client.search_logged_models(experiment_ids):
         yield f"logged model {model.model_id}", repr((model.params, model.tags)).encode()
+
+
+def registered_versions(client, settings, count: int, start: int = 0) -> list[str]:
+    """``count`` new versions of the settings' model, each from its own finished run with an (empty) logged
+    model, registered through :func:`ctrain.registry.register_challenger` as the pipeline does. The registry
+    never opens the model, so an empty logged model stands in for a trained network."""
+    from ctrain import registry
+
+    versions = []
+    for i in range(start, start + count):
+        run = registry.training_run_for(client, settings, f"{settings.model_name}-key-{i}", tags={})
+        experiment_id = client.get_run(run.run_id).info.experiment_id
+        model = client.create_logged_model(experiment_id, name="model", source_run_id=run.run_id)
+        client.finalize_logged_model(model.model_id, "READY")
+        client.set_terminated(run.run_id)
+        versions.append(registry.register_challenger(client, settings, run.run_id, f"models:/{model.model_id}",
+                                                     {"dag_run_id": f"run-{i}"}))
+    return versions

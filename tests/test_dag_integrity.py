@@ -34,6 +34,7 @@ def test_every_dag_file_imports_without_errors(dagbag):
 
 def test_every_definition_has_a_training_and_an_arrival_dag(dagbag):
     expected = {d.dag_id for d in DEFINITIONS} | {d.arrival_dag_id for d in DEFINITIONS}
+    expected |= {f"model_rollback__{d.name}" for d in DEFINITIONS}
     assert set(dagbag.dag_ids) == expected
     assert {d.name for d in DEFINITIONS} >= {"fraud", "delivery_eta"}
     for definition in DEFINITIONS:
@@ -66,7 +67,7 @@ def test_every_task_fails_fast_on_terminal_errors(dagbag):
 @pytest.mark.parametrize("definition", DEFINITIONS, ids=lambda d: d.name)
 def test_continuous_training_wiring(dagbag, definition):
     dag = dagbag.dags[definition.dag_id]
-    order = ["build_dataset", "validate", "train", "evaluate", "register", "govern", "promote"]
+    order = ["build_dataset", "validate", "train", "evaluate", "register", "govern", "promote", "retire"]
     for upstream, downstream in zip(order, order[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids, f"{upstream} -> {downstream} missing"
     assert dag.get_task("materialize_online").upstream_task_ids == {"build_dataset", "validate"}

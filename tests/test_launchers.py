@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,22 +141,26 @@ def test_multinode_manifests_meet_through_c10d_on_pod_zero():
     assert "--rdzv-endpoint=train-x-0.train-x:29400" in command and "--standalone" not in command
 
 
-def test_every_manifest_validates_against_the_kubernetes_schema(tmp_path):
+def _validate_manifests(tmp_path: Path, manifests: list[dict]) -> None:
     """kubernetes-validate --strict (requirements.lock; offline schemas): unknown or mistyped fields fail."""
     validator = shutil.which("kubernetes-validate", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     if validator is None:
         if os.environ.get("CI"):
             pytest.fail("kubernetes-validate is not installed (requirements.lock; make install)")
         pytest.skip("kubernetes-validate is not installed (make install puts it in .venv)")
-    launcher = KubernetesLauncher("ctrain-trainer:1", gpus=1, node_selector={"pool": "gpu"},
-                                  tolerations=[TOLERATION], mounts=["/srv/objects"], run_as=(1000, 1000))
-    manifests = [launcher.pod_manifest(JOB, "train-x"), *launcher.multinode_manifests(JOB, "train-y", nodes=2)]
     files = []
     for i, manifest in enumerate(manifests):
         files.append(tmp_path / f"m{i}.yaml")
         files[-1].write_text(yaml.safe_dump(manifest))
     out = subprocess.run([validator, "--strict", *map(str, files)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_every_manifest_validates_against_the_kubernetes_schema(tmp_path):
+    launcher = KubernetesLauncher("ctrain-trainer:1", gpus=1, node_selector={"pool": "gpu"},
+                                  tolerations=[TOLERATION], mounts=["/srv/objects"], run_as=(1000, 1000))
+    _validate_manifests(tmp_path, [launcher.pod_manifest(JOB, "train-x"),
+                                   *launcher.multinode_manifests(JOB, "train-y", nodes=2)])
 
 
 def test_stream_process_streams_lines_and_succeeds():
@@ -201,3 +207,114 @@ def test_kubectl_runtime_applies_follows_reads_the_exit_code_and_deletes(tmp_pat
     assert applied["kind"] == "Pod" and applied["metadata"] == {
         "name": "train-x", "namespace": "ml", "labels": {"app": "ctrain-trainer", "ctrain/job": "train-x"}}
     assert "s3cr3t" not in calls[0]["stdin"]  # the credential is the cluster's Secret, not the manifest's
+
+
+# Answers like kubectl for a 3-pod Indexed Job: `get job -o json` shows no terminal condition on the first
+# poll, then the scenario's; `get pods -o json` lists the pods' container states; `logs --prefix` prints one
+# prefixed line per pod (after `logs_sleep` seconds). The scenario is the JSON file beside the script.
+FAKE_KUBECTL_JOB = """#!/usr/bin/env python3
+import json, os, sys, time
+args = sys.argv[1:]
+here = sys.argv[0]
+with open(here + ".calls", "a") as fh:
+    fh.write(json.dumps({"args": args, "stdin": sys.stdin.read() if "apply" in args else None}) + "\\n")
+scenario = json.load(open(here + ".scenario"))
+if "logs" in args:
+    time.sleep(scenario.get("logs_sleep", 0))
+    for i in range(3):
+        print(f"[pod/train-x-{i}-abcde/trainer] rank {i}: epoch 1 eval: val_loss 0.1", flush=True)
+elif "get" in args and any(a.startswith("job/") for a in args):
+    polls = here + ".polls"
+    seen = os.path.exists(polls)
+    open(polls, "a").close()
+    conditions = [{"type": scenario["outcome"], "status": "True"}] if seen else []
+    print(json.dumps({"kind": "Job", "status": {"active": 0 if seen else 3, "conditions": conditions}}))
+elif "get" in args and "pods" in args:
+    items = [{"metadata": {"name": f"train-x-{i}-abcde"},
+              "status": {"containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                  "exitCode": code, "finishedAt": at}}}]}} for i, (code, at) in enumerate(scenario["pods"])]
+    print(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+"""
+
+
+def _fake_kubectl_job(tmp_path: Path, monkeypatch, **scenario) -> Path:
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text(FAKE_KUBECTL_JOB)
+    kubectl.chmod(0o755)
+    (tmp_path / "kubectl.scenario").write_text(json.dumps(scenario))
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path / "kubectl.calls"
+
+
+def _calls(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _verbs(calls: list[dict]) -> list[str]:
+    return [next(a for a in c["args"] if not a.startswith("-") and a != "ml") for c in calls]
+
+
+def test_kubectl_job_for_several_nodes_maps_the_first_failed_pods_exit_code(tmp_path, monkeypatch):
+    # pod 1 fails with bad data first; pod 0 then loses its peer (75) and pod 2 is killed (137)
+    calls_file = _fake_kubectl_job(tmp_path, monkeypatch, outcome="Failed", pods=[
+        [75, "2026-12-01T10:00:05Z"], [65, "2026-12-01T10:00:01Z"], [137, "2026-12-01T10:00:09Z"]])
+    lines: list[str] = []
+    launcher = KubernetesLauncher("ctrain-trainer:1", namespace="ml", nnodes=3, poll_s=0.01)
+    with pytest.raises(TrainingFailed) as failed:
+        launcher.run(JOB, lines.append, name="train-x")
+    assert failed.value.exit_code == 65 and not failed.value.retryable
+    assert [line for line in lines if "epoch 1" in line] == [
+        f"[pod/train-x-{i}-abcde/trainer] rank {i}: epoch 1 eval: val_loss 0.1" for i in range(3)]
+    calls = _calls(calls_file)
+    assert _verbs(calls) == ["apply", "wait", "logs", "get", "get", "get", "delete"]
+    assert "-l" in calls[2]["args"] and "ctrain/job=train-x" in calls[2]["args"]
+    assert "--max-log-requests=3" in calls[2]["args"] and "--prefix" in calls[2]["args"]
+    assert calls[-1]["args"][3:5] == ["job/train-x", "service/train-x"]
+    applied = json.loads(calls[0]["stdin"])
+    assert [m["kind"] for m in applied["items"]] == ["Service", "Job"]
+    assert applied["items"][1]["spec"]["completions"] == 3
+    assert "s3cr3t" not in calls[0]["stdin"]  # the credential is the cluster's Secret, not the manifest's
+    _validate_manifests(tmp_path, applied["items"])
+
+
+def test_kubectl_job_that_completes_succeeds_and_is_deleted(tmp_path, monkeypatch):
+    calls_file = _fake_kubectl_job(tmp_path, monkeypatch, outcome="Complete", pods=[])
+    KubernetesLauncher("ctrain-trainer:1", namespace="ml", nnodes=3, poll_s=0.01).run(
+        JOB, lambda _line: None, name="train-x")
+    assert _verbs(_calls(calls_file)) == ["apply", "wait", "logs", "get", "get", "delete"]
+
+
+def test_sigterm_during_a_multinode_run_deletes_the_job_and_the_service(tmp_path, monkeypatch):
+    calls_file = _fake_kubectl_job(tmp_path, monkeypatch, outcome="Complete", pods=[], logs_sleep=120)
+    script = ("import sys; from ctrain.launchers import KubernetesLauncher, TrainingJob; "
+              "KubernetesLauncher('ctrain-trainer:1', namespace='ml', nnodes=2, poll_s=0.01).run("
+              "TrainingJob(config_path='debug.yaml'), print, name='train-x')")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (calls_file.exists() and "logs" in _verbs(_calls(calls_file))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "SIGTERM" in out
+    calls = _calls(calls_file)
+    assert _verbs(calls)[-1] == "delete" and calls[-1]["args"][3:5] == ["job/train-x", "service/train-x"]
+
+
+def test_only_kubectl_runs_a_multinode_job(tmp_path):
+    with pytest.raises(ConfigError, match=r"CTRAIN_TRAINING_NNODES=2 \(or training.nnodes\) needs CTRAIN_POD_RUNTIME=kubectl"):
+        get_launcher(Settings(home=tmp_path, launcher="kubernetes", pod_runtime="podman", training_nnodes=2))
+    assert get_launcher(Settings(home=tmp_path, launcher="kubernetes", training_nnodes=4)).nnodes == 4
+    with pytest.raises(ConfigError, match=r"CTRAIN_TRAINING_NNODES=2 \(or the definition's training.nnodes\) "
+                       "needs the kubernetes launcher"):
+        get_launcher(Settings(home=tmp_path, launcher="docker", training_nnodes=2))
+
+
+def test_the_definitions_nnodes_wins_over_the_setting(tmp_path):
+    from support import pipeline_settings
+
+    settings = pipeline_settings(tmp_path, training__nnodes=3, training__launcher="kubernetes")
+    settings = settings.model_copy(update={"training_nnodes": 5})
+    assert get_launcher(settings).nnodes == 3
+    assert get_launcher(pipeline_settings(tmp_path, training__launcher="kubernetes")).nnodes == 1

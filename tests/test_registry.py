@@ -41,8 +41,8 @@ def _model_run(client, settings, key: str) -> tuple[str, str]:
     return run.run_id, f"models:/{model.model_id}"
 
 
-def _record(version: str, previous: str | None) -> registry.AuditRecord:
-    return registry.AuditRecord(model="m", version=version, action="promote", decided_by="policy:t",
+def _record(version: str, previous: str | None, model: str = "m") -> registry.AuditRecord:
+    return registry.AuditRecord(model=model, version=version, action="promote", decided_by="policy:t",
                                 policy_version="t", previous_champion=previous, metrics_compared={"x": 1.0},
                                 reasons=["ok"], dag_run_id="r", at=1.0 + int(version))
 
@@ -65,10 +65,10 @@ def test_register_is_idempotent_and_promotion_keeps_previous(client, settings):
     assert registry.alias_version(client, settings.model_name, "challenger") == v1
     assert client.get_registered_model(settings.model_name).description == "registry test model"
 
-    audit1 = registry.promote(client, settings, v1, None, _record(v1, None))
+    audit1 = registry.promote(client, settings, v1, None, _record(v1, None, settings.model_name))
     run2, uri2 = _model_run(client, settings, settings.model_name + "k2")
     v2 = registry.register_challenger(client, settings, run2, uri2, {})
-    registry.promote(client, settings, v2, v1, _record(v2, v1))
+    registry.promote(client, settings, v2, v1, _record(v2, v1, settings.model_name))
     assert registry.alias_version(client, settings.model_name, "champion") == v2
     assert registry.alias_version(client, settings.model_name, "previous") == v1
     with fsspec.open(audit1) as fh:
@@ -79,10 +79,10 @@ def test_register_is_idempotent_and_promotion_keeps_previous(client, settings):
 def test_promotion_refuses_when_champion_moved(client, settings):
     run1, uri1 = _model_run(client, settings, settings.model_name + "k1")
     v1 = registry.register_challenger(client, settings, run1, uri1, {})
-    registry.promote(client, settings, v1, None, _record(v1, None))
+    registry.promote(client, settings, v1, None, _record(v1, None, settings.model_name))
     run2, uri2 = _model_run(client, settings, settings.model_name + "k2")
     v2 = registry.register_challenger(client, settings, run2, uri2, {})
     # v2 was evaluated against "no champion", but v1 became champion meanwhile.
     with pytest.raises(registry.PromotionConflict, match="re-run evaluate"):
-        registry.promote(client, settings, v2, None, _record(v2, None))
+        registry.promote(client, settings, v2, None, _record(v2, None, settings.model_name))
     assert registry.alias_version(client, settings.model_name, "champion") == v1

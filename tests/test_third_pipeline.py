@@ -266,7 +266,7 @@ def test_its_dags_are_generated(user: Path, env: dict[str, str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     parsed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert parsed["errors"] == {}
-    assert parsed["ids"] == [f"continuous_training__{NAME}", f"tickets_arrival__{NAME}"]
+    assert parsed["ids"] == [f"continuous_training__{NAME}", f"model_rollback__{NAME}", f"tickets_arrival__{NAME}"]
     assert parsed["owner"] == ["support-analytics"]
 
 

@@ -153,6 +153,9 @@ class Governance(_Section):
     policy: Path = Field(description="Policy file (rules, version; `ctrain.governance.Policy`, fields in "
                          "pipelines/README.md), relative to this definition's directory.")
     approval: Approval = Field(default_factory=Approval, description="Human approval after the policy's yes.")
+    keep_versions: int = Field(
+        default=10, ge=1, description="Retirement keeps the newest N versions (and champion/previous/challenger)."
+    )
 
 
 class Training(_Section):
@@ -161,6 +164,11 @@ class Training(_Section):
         default=None, description="Where torchrun runs; null: the deployment's CTRAIN_LAUNCHER."
     )
     nproc_per_node: int = Field(default=2, ge=1, description="torchrun processes per node.")
+    nnodes: int | None = Field(
+        default=None, ge=1,
+        description="Nodes per run (kubernetes launcher with kubectl: an Indexed Job above 1); null: the "
+        "deployment's CTRAIN_TRAINING_NNODES.",
+    )
 
 
 class Schedule(_Section):

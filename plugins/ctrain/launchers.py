@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
@@ -358,7 +359,8 @@ class KubernetesLauncher:
                  gpus: int = 0, secret_name: str = "ctrain-trainer-env", config_dir: str = IMAGE_CONFIG_DIR,
                  node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
                  mounts: Iterable[str] = (), run_as: tuple[int, int] | None = None, runtime: str = "kubectl",
-                 network: str = "none", timeout_s: float = 4 * 3600.0):
+                 network: str = "none", timeout_s: float = 4 * 3600.0, nnodes: int = 1,
+                 poll_s: float = 5.0):
         self.config_dir = config_dir
         self.image = image
         self.namespace = namespace
@@ -372,9 +374,17 @@ class KubernetesLauncher:
         self.run_as = run_as
         if runtime not in POD_RUNTIMES:
             raise ConfigError(f"CTRAIN_POD_RUNTIME={runtime!r}: expected one of {', '.join(POD_RUNTIMES)}")
+        if nnodes < 1:
+            raise ConfigError(f"CTRAIN_TRAINING_NNODES={nnodes}: expected 1 or more nodes")
+        if nnodes > 1 and runtime != "kubectl":
+            raise ConfigError(f"CTRAIN_TRAINING_NNODES={nnodes} (or training.nnodes) needs CTRAIN_POD_RUNTIME=kubectl: multi-node "
+                              f"training runs as a Kubernetes Indexed Job, which {runtime} cannot run; set "
+                              "CTRAIN_TRAINING_NNODES=1 or train on a cluster")
         self.runtime = runtime
         self.network = network
         self.timeout_s = timeout_s
+        self.nnodes = nnodes
+        self.poll_s = poll_s
 
     @classmethod
     def from_settings(cls, settings: Settings) -> KubernetesLauncher:
@@ -385,7 +395,7 @@ class KubernetesLauncher:
                    # hostPath directories belong to this process's user: the trainer runs as it
                    run_as=(os.getuid(), os.getgid()) if mounts else None,
                    runtime=settings.pod_runtime, network="none" if _all_local(settings) else "host",
-                   timeout_s=settings.max_train_wall_clock_s + 600)
+                   timeout_s=settings.max_train_wall_clock_s + 600, nnodes=settings.resolved_nnodes)
 
     # ---- manifests ---------------------------------------------------------------------------------
     def _container(self, job: TrainingJob, command: list[str]) -> dict[str, Any]:
@@ -466,10 +476,16 @@ class KubernetesLauncher:
         name = name or f"ctrain-train-{uuid.uuid4().hex[:12]}"
         for path in self.mounts:
             Path(path).mkdir(parents=True, exist_ok=True)
-        manifest = self.pod_manifest(job, name)
-        sink(f"launching pod {name} ({self.image}, via {self.runtime}): "
-             + shlex.join(manifest["spec"]["containers"][0]["command"]))
-        code = POD_RUNTIMES[self.runtime](self, manifest, job, sink)
+        if self.nnodes > 1:
+            manifests = self.multinode_manifests(job, name, self.nnodes)
+            sink(f"launching job {name} of {self.nnodes} pods ({self.image}, via kubectl): "
+                 + shlex.join(manifests[1]["spec"]["template"]["spec"]["containers"][0]["command"]))
+            code = _run_kubectl_job(self, manifests, sink)
+        else:
+            manifest = self.pod_manifest(job, name)
+            sink(f"launching pod {name} ({self.image}, via {self.runtime}): "
+                 + shlex.join(manifest["spec"]["containers"][0]["command"]))
+            code = POD_RUNTIMES[self.runtime](self, manifest, job, sink)
         if code != EXIT_OK:
             raise _fail(_container_exit(code))
 
@@ -496,6 +512,64 @@ def _run_kubectl(launcher: KubernetesLauncher, pod: dict[str, Any], job: Trainin
     finally:
         subprocess.run([*kubectl, "delete", f"pod/{name}", "--wait=false", "--ignore-not-found"],
                        check=False, capture_output=True)
+
+
+def _run_kubectl_job(launcher: KubernetesLauncher, manifests: list[dict[str, Any]],
+                     sink: Callable[[str], None]) -> int:
+    """The multi-node run: apply the headless Service and the Indexed Job, follow every pod's log, wait until
+    the Job completes or fails, and return 0 or the failed pod's container exit code. Job and Service are
+    deleted on every way out (SIGTERM included); the Job's pods go with it (background cascade)."""
+    service, job = manifests
+    name, ns = job["metadata"]["name"], job["metadata"]["namespace"]
+    kubectl = ["kubectl", "--namespace", ns]
+    selector = f"ctrain/job={name}"
+    nodes = job["spec"]["completions"]
+    try:
+        with _sigterm_raises():
+            subprocess.run([*kubectl, "apply", "-f", "-"], check=True, capture_output=True, text=True,
+                           input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [service, job]}))
+            subprocess.run([*kubectl, "wait", "--for=jsonpath={.status.phase}=Running", "pod", "-l", selector,
+                            "--timeout=600s"], check=False, capture_output=True)
+            # one stream for all pods, each line prefixed by its pod (kubectl allows 5 streams by default)
+            _stream_command([*kubectl, "logs", "--follow", "--prefix", "-l", selector,
+                             f"--max-log-requests={nodes}"], sink)
+            condition = _job_outcome(kubectl, name, launcher.timeout_s, launcher.poll_s)
+            if condition == "Complete":
+                return EXIT_OK
+            code = _failed_pod_exit(kubectl, selector)
+            sink(f"job {name} {condition.lower()}: exit code {code}")
+            return code
+    finally:
+        subprocess.run([*kubectl, "delete", f"job/{name}", f"service/{name}", "--ignore-not-found",
+                        "--wait=false", "--cascade=background"], check=False, capture_output=True)
+
+
+def _job_outcome(kubectl: list[str], name: str, timeout_s: float, poll_s: float) -> str:
+    """``Complete`` or ``Failed``: the Job's terminal condition (``kubectl wait`` waits for one condition
+    only, and a failed Job never completes), or ``timed out`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run([*kubectl, "get", f"job/{name}", "-o", "json"], capture_output=True, text=True)
+        if out.returncode == 0:
+            for condition in json.loads(out.stdout).get("status", {}).get("conditions") or []:
+                if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
+                    return condition["type"]
+        if time.monotonic() >= deadline:
+            return "timed out"
+        time.sleep(poll_s)
+
+
+def _failed_pod_exit(kubectl: list[str], selector: str) -> int:
+    """The exit code of the pod that failed first (the others then stop as lost peers or are killed by the
+    Job controller); 1 (retryable) when no container terminated with one."""
+    out = subprocess.run([*kubectl, "get", "pods", "-l", selector, "-o", "json"], capture_output=True, text=True)
+    failures = []
+    for pod in json.loads(out.stdout).get("items", []) if out.returncode == 0 else []:
+        for status in pod.get("status", {}).get("containerStatuses") or []:
+            terminated = status.get("state", {}).get("terminated") or {}
+            if terminated.get("exitCode"):
+                failures.append((terminated.get("finishedAt") or "", int(terminated["exitCode"])))
+    return min(failures)[1] if failures else 1
 
 
 def _run_podman(launcher: KubernetesLauncher, pod: dict[str, Any], job: TrainingJob,
@@ -580,6 +654,10 @@ def stream_process(
 def get_launcher(settings: Settings) -> Launcher:
     """The launcher the settings name (``CTRAIN_LAUNCHER``, unless the pipeline definition names one)."""
     kind = settings.resolved_launcher
+    if settings.resolved_nnodes > 1 and kind != "kubernetes":
+        raise ConfigError(f"CTRAIN_TRAINING_NNODES={settings.resolved_nnodes} (or the definition's "
+                          "training.nnodes) needs the kubernetes launcher (CTRAIN_LAUNCHER=kubernetes, "
+                          f"CTRAIN_POD_RUNTIME=kubectl); the {kind} launcher trains on one node: set it to 1")
     if kind == "local":
         return LocalLauncher()
     if kind == "docker":

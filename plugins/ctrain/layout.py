@@ -6,7 +6,8 @@
     {object_root}/runs/{run_key}/result.json, failure.json                             trainer output
     {object_root}/runs/{run_key}/evaluation/predictions-vs-{champion}.parquet         per-row test outputs
     {object_root}/reports/validations/{dataset_version}/{result_id}/                   GX reports
-    {object_root}/audit/{model}/{ms:015d}-v{version}-{action}.json                     alias moves
+    {object_root}/audit/{model}/{seq:08d}.json                                          audit chain records
+    {object_root}/locks/{model}.lock (file:// only; else {home}/locks/)                promotion file lock
     {object_root}/state/{pipeline}/{table}_announced.json                              arrival high-water mark
     {data_root}/{table}/date=YYYY-MM-DD/*.parquet                                       landed partitions
 
@@ -74,9 +75,28 @@ def validation_report_uri(report_root: str, dataset_version: str, result_id: str
     return join(report_root, "validations", dataset_version, result_id)
 
 
-def audit_uri(object_root: str, model: str, at: float, version: str, action: str) -> str:
-    """One audit record of an alias move; the millisecond prefix keeps them in time order."""
-    return join(object_root, "audit", model, f"{int(at * 1000):015d}-v{version}-{action}.json")
+def audit_dir(object_root: str, model: str) -> str:
+    """The hash-chained audit log of one registered model (:mod:`ctrain.audit`)."""
+    return join(object_root, "audit", model)
+
+
+AUDIT_SUFFIX = ".json"
+
+
+def audit_record_uri(object_root: str, model: str, seq: int) -> str:
+    """Record ``seq`` (0, 1, ...) of a model's audit chain; the zero padding keeps names in chain order."""
+    return join(audit_dir(object_root, model), f"{seq:08d}{AUDIT_SUFFIX}")
+
+
+def audit_seq(name: str) -> int | None:
+    """The sequence number of an audit chain file name, None for anything else in the directory."""
+    stem = name.removesuffix(AUDIT_SUFFIX)
+    return int(stem) if name.endswith(AUDIT_SUFFIX) and stem.isdigit() else None
+
+
+def lock_file(directory: Path | str, model: str) -> Path:
+    """The promotion file lock of one model under a local ``directory`` (object root or home)."""
+    return Path(directory) / "locks" / f"{model}.lock"
 
 
 def announced_marker_uri(object_root: str, pipeline: str, table: str) -> str:

@@ -470,3 +470,18 @@ def promote(settings: Settings, registration: dict[str, Any], evaluation: dict[s
     audit_uri = registry.promote(client, settings, registration["version"], evaluation["champion_version"], record)
     return {"model": registration["model"], "version": registration["version"], "alias": registry.CHAMPION,
             "previous": evaluation["champion_version"], "audit_uri": audit_uri}
+
+
+def retire(settings: Settings, promotion: dict[str, Any] | None, dag_run_id: str) -> dict[str, Any]:
+    """Archive the versions older than the definition's newest ``governance.keep_versions`` (never an alias
+    holder): tagged ``ctrain.retired``, other aliases removed, artifacts kept, each audited."""
+    keep = settings.definition.governance.keep_versions
+    client = registry.get_client(settings)
+    retired = registry.retire(client, settings, keep, reason=f"older than the newest {keep} versions",
+                              decided_by="pipeline", dag_run_id=dag_run_id)
+    return {"model": settings.model_name, "keep": keep, "retired": retired}
+
+
+def rollback(settings: Settings, to: str, reason: str, decided_by: str, dag_run_id: str = "") -> dict[str, Any]:
+    """Champion back to ``to`` (``previous`` or a version) through the locked, audited move."""
+    return registry.rollback(registry.get_client(settings), settings, to, reason, decided_by, dag_run_id)

@@ -117,6 +117,15 @@ class Settings(BaseSettings):
         "cluster) or podman (podman kube play on this host).",
     )
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO / moto), path-style.")
+    training_nnodes: int = Field(
+        default=1, ge=1,
+        description="Nodes of a training run (kubernetes launcher with kubectl): above 1, an Indexed Job of "
+        "that many pods, one torchrun each, instead of one Pod.",
+    )
+    backup_uri: str = Field(
+        default="", description="Where `python -m ctrain.backup backup` writes backups (directory or s3:// "
+        "prefix, outside the object root). Default: file://{home}/backups.",
+    )
 
     # What a trigger may ask of the trainer: the Params' schema carries these bounds (read when the DAG
     # is parsed) and the train task checks them again, so a trigger cannot exhaust the machine.
@@ -133,6 +142,16 @@ class Settings(BaseSettings):
     max_train_wall_clock_s: float = Field(
         default=4 * 3600.0, gt=0,
         description="Upper bound on train.max_wall_clock_s; the pipeline always sets one (seconds).",
+    )
+
+    # The promotion lock (plugins/ctrain/locks.py): who may move a model's aliases, one at a time.
+    lock_url: str = Field(
+        default="",
+        description="Postgres URL for the promotion lock (pg_advisory_lock). Default: the MLflow tracking URI "
+        "when it is postgresql://, else a file lock under the object root (file://) or the home.",
+    )
+    lock_timeout_s: float = Field(
+        default=60.0, gt=0, description="How long a promotion, rollback or retirement waits for the lock (seconds)."
     )
 
     # The embedded UIs (`make up`): loopback only unless opened deliberately.
@@ -178,7 +197,8 @@ class Settings(BaseSettings):
                 )
         return value
 
-    @field_validator("object_root", "data_root", "mlflow_tracking_uri", "mlflow_artifact_root", "s3_endpoint_url")
+    @field_validator("object_root", "data_root", "mlflow_tracking_uri", "mlflow_artifact_root", "s3_endpoint_url",
+                     "backup_uri", "lock_url")
     @classmethod
     def _no_credentials(cls, uri: str | None) -> str | None:
         # These URIs are logged, passed as argv and stored as MLflow tags: a password in one leaks everywhere.
@@ -217,12 +237,20 @@ class Settings(BaseSettings):
         return self.definition.training.nproc_per_node
 
     @property
+    def resolved_nnodes(self) -> int:
+        return self.definition.training.nnodes or self.training_nnodes
+
+    @property
     def resolved_launcher(self) -> str:
         return self.definition.training.launcher or self.launcher
 
     @cached_property
     def resolved_object_root(self) -> str:
         return self.object_root or f"file://{self.home / 'objects'}"
+
+    @cached_property
+    def resolved_backup_uri(self) -> str:
+        return self.backup_uri or f"file://{self.home / 'backups'}"
 
     @cached_property
     def resolved_data_root(self) -> Path:

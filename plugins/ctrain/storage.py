@@ -72,6 +72,35 @@ def write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def create_bytes(uri: str, data: bytes, settings: Settings | None = None) -> str:
+    """Write ``uri`` only if nothing is there yet (FileExistsError otherwise), all-or-nothing; returns ``uri``.
+
+    Of two writers racing for one name exactly one succeeds: locally a hard link of the finished temp
+    file (``link`` refuses an existing name, atomically); on S3 a PUT with ``If-None-Match: *``."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = open_fs(uri, settings)
+    if not isinstance(fs, LocalFileSystem):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except OSError as exc:  # s3fs maps a 412 without the If-None-Match condition to EINVAL
+            if isinstance(exc, FileExistsError) or exc.errno == errno.EINVAL and "recondition" in str(exc):
+                raise FileExistsError(uri) from None
+            raise
+        return uri
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return uri
+
+
 def put_bytes(uri: str, data: bytes, settings: Settings | None = None) -> str:
     """:func:`write_bytes` to ``uri``; returns ``uri``."""
     fs, path = open_fs(uri, settings)
