@@ -4,12 +4,12 @@ Generated from the pipeline definitions (`pipelines/*.yaml`): per pipeline `<nam
 
 **continuous_training__&lt;name&gt;**: features from the definition's Feast feature service -> Great
 Expectations gate (the definition's thresholds) -> DDP training (torchrun) -> evaluation on the
-definition's metrics -> MLflow registry -> governance (the definition's policy over its primary metric)
--> human approval when the policy asks for one (Airflow's HITL approval, assigned to the definition's
-approvers; no answer in time rejects) -> promotion -> retirement of versions older than the newest
-`governance.keep_versions` (never an alias holder); validated features are also materialized to the online
-store. Runs on the definition's cron **or** as soon as one of its Assets has an event, and from the UI
-with the Params below.
+definition's metrics -> MLflow registry -> governance (the pipeline's policy file: floors, non-inferiority
+with intervals, slices, lineage, size, latency) -> human approval when the policy asks for one (Airflow's
+HITL approval, assigned to the definition's approvers; no answer in time rejects) -> promotion ->
+retirement of versions older than the newest `governance.keep_versions` (never an alias holder); validated
+features are also materialized to the online store. Runs on the definition's cron **or** as soon as one of
+its Assets has an event, and from the UI with the Params below.
 Re-running for the same data and config resumes or reuses the earlier training (run key = dag, dataset
 version, config): it never trains or registers twice.
 
@@ -95,8 +95,8 @@ def continuous_training(definition: PipelineDefinition) -> None:
             "primary_metric_floor": Param(
                 None, type=["null", "number"],
                 description=f"Governance floor for {definition.primary_test_metric} "
-                            f"({definition.metrics.direction} is better; default: the definition's "
-                            f"{definition.governance.floor})."),
+                            f"({definition.metrics.direction} is better; default: floors."
+                            f"{definition.metrics.primary} of its policy file {definition.governance.policy})."),
         },
     )
     def training():

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
     from ctrain.settings import Settings
 
-from support import DP_DAYS, DP_ROWS_PER_DAY, DP_START  # the tiny world (support.py)
+from support import DP_DAYS, DP_ROWS_PER_DAY, DP_START, pipeline_settings  # the tiny world (support.py)
 
 
 def dp_settings_for(home: Path) -> Settings:
@@ -108,3 +108,50 @@ def dp_eta_copy(tmp_path: Path, dp_eta_world: Path) -> Settings:
     settings = dp_eta_settings_for(tmp_path / "eta_home")
     shutil.copytree(dp_eta_world, settings.resolved_data_root)
     return settings
+
+
+GOV_TEST_POLICY = """\
+version: gov-test-v1
+floors: {roc_auc: 0.55}
+non_inferiority: {metric: roc_auc, margin: 0.05, grey_width: 0.01}
+slices:
+  - {column: amount, bins: [0, 50, .inf], metric: roc_auc, floor: 0.3, max_drop: 0.5, min_rows: 100}
+max_model_bytes: 10000000
+latency: {max_p95_ms: 5000, batch_rows: 500, batches: 5}
+"""
+
+
+@pytest.fixture(scope="session")
+def gov_two_versions(tmp_path_factory: pytest.TempPathFactory):
+    """The fraud pipeline's steps twice on one real snapshot (real Feast, GX, 2-process torchrun, MLflow on
+    SQLite): v1 approved and promoted (no champion), then v2 (another learning rate) evaluated against v1
+    on the same test rows and governed. Returns (settings, steps of the first, steps of the second), the
+    steps as dicts of each step's result; the second's ``decision`` is the GovernanceRejected if it was
+    refused. Read-only."""
+    from ctrain import pipeline
+    from ctrain.errors import GovernanceRejected
+    from ctrain_examples import fraud
+
+    home = tmp_path_factory.mktemp("gov") / "home"
+    settings = pipeline_settings(home, "fraud")
+    # A policy for a 2-epoch model on 20 small days (the example's is for the demo's data).
+    (settings.pipelines_dir / settings.definition.governance.policy).write_text(GOV_TEST_POLICY)
+    fraud.generate(settings.resolved_data_root, days=20, start=DP_START, seed=0, rows_per_day=400)
+    snapshot = pipeline.build_dataset(settings)
+    validation = pipeline.validate(settings, snapshot)
+    runs = []
+    for n, overrides in enumerate(({"train.epochs": 2}, {"train.epochs": 2, "optimizer.lr": 0.001}), start=1):
+        dag_run = f"manual__gov{n}"
+        training = pipeline.train(settings, snapshot, validation, settings.definition.dag_id, dag_run, overrides)
+        evaluation = pipeline.evaluate(settings, training, snapshot)
+        registration = pipeline.register(settings, training, snapshot, validation, dag_run)
+        try:
+            decision = pipeline.govern(settings, evaluation)
+        except GovernanceRejected as exc:
+            decision = exc
+        steps = {"snapshot": snapshot, "validation": validation, "training": training, "evaluation": evaluation,
+                 "registration": registration, "decision": decision}
+        if n == 1:
+            steps["promotion"] = pipeline.promote(settings, registration, evaluation, decision, dag_run)
+        runs.append(steps)
+    return settings, runs[0], runs[1]

@@ -41,6 +41,10 @@ def pipeline_settings(home: Path, name: str = "fraud", pipelines: Path | None = 
     pipelines = pipelines or home / "pipelines"
     pipelines.mkdir(parents=True, exist_ok=True)
     (pipelines / f"{name}.yaml").write_text(yaml.safe_dump(tree))
+    policy = pipelines / tree["governance"]["policy"]  # the policy file, relative to the definition
+    if not policy.exists():
+        policy.parent.mkdir(parents=True, exist_ok=True)
+        policy.write_bytes((PROJECT_ROOT / "pipelines" / tree["governance"]["policy"]).read_bytes())
     return Settings(home=home, pipelines_dir=pipelines, pipeline=name)
 
 

@@ -56,12 +56,15 @@ def _definitions(pipelines: Path) -> None:
     from ctrain.settings import PROJECT_ROOT
 
     tree = yaml.safe_load((PROJECT_ROOT / "pipelines" / "fraud.yaml").read_text())
-    tree["governance"]["floor"] = 0.0  # this test is about the person, not the policy's floor (a small world)
     tree["governance"]["approval"] = {"required": "always", "approvers": ["approver"], "timeout_s": 3600}
     tree["training"]["config"] = str(PROJECT_ROOT / tree["training"]["config"])
     tree["schedule"] = {"cron": None, "assets": []}  # runs only when a test triggers one
     pipelines.mkdir(parents=True)
     (pipelines / "fraud.yaml").write_text(yaml.safe_dump(tree))
+    # This test is about the person, not the policy's rules (a small world): a policy of GX success and
+    # complete lineage only (the defaults), no floors, no comparison with the champion.
+    (pipelines / tree["governance"]["policy"]).parent.mkdir(parents=True)
+    (pipelines / tree["governance"]["policy"]).write_text("version: approval-test\n")
     quick = {**tree, "name": "fraud_quick", "model": {**tree["model"], "name": QUICK_MODEL},
              "governance": {**tree["governance"],
                             "approval": {**tree["governance"]["approval"], "timeout_s": QUICK_TIMEOUT_S}}}

@@ -122,6 +122,37 @@ def test_champion_registered_once_with_lineage(trained):
     assert fs.exists(f"{path}/manifest.json")
 
 
+def test_policy_decisions_are_recorded_with_intervals_and_the_model_card(trained):
+    """The first run approves v1 (no champion); the second run's govern compares v1 with itself as champion
+    on the same test rows: difference 0, not "better", non-inferior."""
+    from ctrain.governance import load_policy
+    from ctrain.settings import PROJECT_ROOT
+
+    settings, *_ = trained
+    loaded = load_policy(settings.definition, PROJECT_ROOT / "pipelines")
+    client = _client(settings)
+    mv = _champion(settings)
+    assert mv.tags["governance.decision"] == "approve"
+    assert (mv.tags["governance.policy_version"], mv.tags["governance.policy_sha256"]) == (
+        loaded.policy.version, loaded.sha256)
+    with fsspec.open(mv.tags["governance.audit"], "rt") as fh:
+        audit = json.load(fh)
+    rules = {r["name"]: r for r in audit["details"]["rules"]}
+    assert set(rules) == {"floor:test_roc_auc", "floor:test_pr_auc", "non_inferiority", "slice:amount",
+                          "validation", "lineage", "model_size", "latency"}
+    assert all(r["passed"] for r in rules.values()), audit["reasons"]
+    ni = rules["non_inferiority"]["numbers"]
+    assert (ni["method"], ni["estimate"], ni["better"]) == ("delong", 0.0, False)  # v1 against itself
+    assert audit["previous_champion"] == str(mv.version)
+    judged = [s for s in rules["slice:amount"]["numbers"]["segments"] if s["judged"]]
+    assert len(judged) >= 3
+    assert rules["lineage"]["numbers"]["image"] == "local"
+    decision = client.download_artifacts(mv.run_id, "governance/decision.json", str(settings.home))
+    with open(decision) as fh:
+        assert json.load(fh)["rules"] == audit["details"]["rules"]
+    assert mv.tags["model_card"].endswith("/model_card/card.html") and "Model card:" in mv.description
+
+
 def test_champion_reproduces_logged_test_auc(trained):
     import mlflow.pyfunc
     import pandas as pd

@@ -13,6 +13,7 @@ import fsspec
 import pytest
 
 from ctrain.definition import load_file
+from ctrain.governance import load_policy
 from ctrain.settings import PROJECT_ROOT
 from ctrain_examples import delivery_eta
 from support import airflow_cli, make_env
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 NAME = "delivery_eta"
 DEFINITION = load_file(PROJECT_ROOT / "pipelines" / f"{NAME}.yaml")
+POLICY = load_policy(DEFINITION, PROJECT_ROOT / "pipelines").policy
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +56,11 @@ def test_champion_is_registered_under_the_definitions_name_with_lineage(trained)
                 "mlflow_run_id", "checkpoint", "run_key", "dag_run_id", "git_sha"):
         assert mv.tags.get(tag), f"champion lacks lineage tag {tag}"
     assert mv.tags["feature_service"] == DEFINITION.feature_service
-    assert "promotion_audit" in mv.tags and mv.tags["promoted_by"] == f"policy:{DEFINITION.governance.version}"
+    assert "promotion_audit" in mv.tags and mv.tags["promoted_by"] == f"policy:{POLICY.version}"
 
     metrics = client.get_run(mv.run_id).data.metrics
     # Lower is better: the floor is a ceiling on RMSE (a constant predictor scores about the target's std).
-    assert metrics["test_rmse"] < DEFINITION.governance.floor
+    assert metrics["test_rmse"] < POLICY.floors["rmse"]
     for name in DEFINITION.test_metrics:  # evaluate logged every metric of the definition
         assert f"eval_{name}" in metrics, name
     assert metrics["eval_test_rmse"] == pytest.approx(metrics["test_rmse"], rel=1e-4)
@@ -94,6 +96,17 @@ def test_governance_judged_rmse_lower_is_better(trained):
     mv = _client(settings).get_model_version_by_alias(settings.model_name, "champion")
     with fsspec.open(mv.tags["promotion_audit"], "rt") as fh:
         audit = json.load(fh)
-    assert audit["policy_version"] == DEFINITION.governance.version
+    assert audit["policy_version"] == POLICY.version == mv.tags["governance.policy_version"]
+    assert audit["policy_sha256"] == mv.tags["governance.policy_sha256"]
     assert audit["metrics_compared"]["metric"] == "test_rmse"
-    assert "<= floor 6.0000 (lower is better)" in audit["reasons"][0]
+    assert "pass floor:test_rmse: test_rmse=" in audit["reasons"][0]
+    assert "<= ceiling 6.0000 (lower is better)" in audit["reasons"][0]
+    # The policy's decision itself (approve) is in the audit trail, with every rule's numbers.
+    with fsspec.open(mv.tags["governance.audit"], "rt") as fh:
+        decision = json.load(fh)
+    assert decision["action"] == "approve" and mv.tags["governance.decision"] == "approve"
+    rules = {r["name"]: r for r in decision["details"]["rules"]}
+    assert set(rules) == {"floor:test_rmse", "floor:test_r2", "non_inferiority", "slice:distance_km", "validation",
+                          "lineage", "model_size", "latency"}
+    assert all(r["passed"] for r in rules.values())
+    assert rules["slice:distance_km"]["numbers"]["metric"] == "rmse"

@@ -78,3 +78,70 @@ def test_generic_modules_name_no_example(module):
     source = (PROJECT_ROOT / "plugins" / "ctrain" / f"{module}.py").read_text().lower()
     for word in ("fraud", "roc_auc", "transactions", "delivery", "rmse"):
         assert word not in source, f"ctrain/{module}.py names {word!r}; it belongs in a pipeline definition"
+
+
+# ---- intervals of a difference on the same rows (ctrain.uncertainty) ----------------------------
+def _paired_world(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.2).astype("int64")
+    a = y * 1.0 + rng.normal(0, 1, n)
+    return y, a, a + rng.normal(0, 0.5, n)
+
+
+def test_delong_auc_matches_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from ctrain.uncertainty import delong_components
+
+    y, a, _ = _paired_world(3000)
+    rounded = np.round(a, 1)  # many ties
+    aucs, _, _ = delong_components(y, np.vstack([a, rounded]))
+    assert aucs == pytest.approx([roc_auc_score(y, a), roc_auc_score(y, rounded)], abs=1e-12)
+
+
+def test_delong_and_the_paired_bootstrap_agree():
+    from ctrain.uncertainty import delong, paired_bootstrap
+
+    y, a, b = _paired_world(5000)
+    d = delong(y, a, b)
+    boot = paired_bootstrap("roc_auc", y, a, b, samples=2000, seed=1)
+    assert d.estimate == pytest.approx(boot.estimate, abs=1e-12)
+    assert d.low == pytest.approx(boot.low, abs=0.003) and d.high == pytest.approx(boot.high, abs=0.003)
+    assert d.low < d.estimate < d.high
+
+
+def test_delong_variance_of_one_auc_matches_the_bootstrap_spread():
+    from ctrain.uncertainty import auc_with_interval, bootstrap_interval
+
+    y, a, _ = _paired_world(4000, seed=2)
+    d, boot = auc_with_interval(y, a), bootstrap_interval("roc_auc", y, a, samples=2000, seed=0)
+    assert d.estimate == pytest.approx(boot.estimate)
+    assert (d.high - d.low) == pytest.approx(boot.high - boot.low, rel=0.1)
+
+
+@pytest.mark.parametrize(("metric", "task"), [("accuracy", "binary"), ("log_loss", "binary"), ("rmse", "regression"),
+                                              ("mae", "regression"), ("r2", "regression")])
+def test_weighted_bootstrap_metrics_equal_the_metric_on_the_resampled_rows(metric, task):
+    """The vectorized bootstrap (counts x per-row terms) is the metric of the resampled rows themselves."""
+    from ctrain.uncertainty import _metric
+
+    rng = np.random.default_rng(0)
+    n = 500
+    y = (rng.random(n) < 0.3).astype("int64") if task == "binary" else rng.normal(10, 3, n)
+    p = rng.random(n) if task == "binary" else y + rng.normal(0, 1, n)
+    rows = rng.integers(0, n, n)
+    counts = np.bincount(rows, minlength=n).astype("float32")[None, :]
+    expected = evaluation.metric_function(task, metric)(y[rows], p[rows])
+    assert _metric(metric, y, p)(counts)[0] == pytest.approx(expected, rel=1e-5)  # float32 sums
+
+
+def test_multiclass_bootstrap_uses_the_class_probabilities():
+    from ctrain.uncertainty import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 2000)
+    good = np.eye(3)[y] * 0.6 + 0.4 / 3
+    bad = np.full((2000, 3), 1 / 3)
+    ci = paired_bootstrap("accuracy", y, good, bad, samples=300)
+    assert ci.low > 0.5  # always right vs a third right (argmax of ties is class 0)
+    assert paired_bootstrap("log_loss", y, good, bad, samples=300).high < 0

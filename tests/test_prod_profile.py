@@ -17,9 +17,9 @@ dropped after); Redis is DB 11 (``CTRAIN_TEST_REDIS_DB`` moves it) and the Feast
    retry resumes from the S3 checkpoint at a step > 0, the run succeeds, with still one MLflow run and
    one model version for the run key.
 
-The test's pipeline definition is a copy of ``pipelines/fraud.yaml`` whose governance accepts any
-regression against the champion (``max_regression: 1.0``), so case 2's model is promoted whatever its
-AUC against case 1's, and with no schedule (unpausing the DAG for the trigger would otherwise also start
+The test's pipeline definition is a copy of ``pipelines/fraud.yaml`` whose policy requires GX success and
+complete lineage only (no floors, no comparison with the champion), so case 2's model is promoted
+whatever its AUC against case 1's, and with no schedule (unpausing the DAG for the trigger would otherwise also start
 the newest missed cron interval ahead of it); both triggers set ``primary_metric_floor`` 0 (tiny data). The train task's retry
 delay is the DAG's own (30 s, exponential).
 """
@@ -176,11 +176,14 @@ def stack(request) -> Iterator[Stack]:
     pipelines = home / "pipelines"
     pipelines.mkdir(parents=True)
     definition = yaml.safe_load((ROOT / "pipelines" / "fraud.yaml").read_text())
-    definition["governance"]["max_regression"] = 1.0
     # triggered runs only: unpausing a cron DAG would start the newest missed interval ahead of the trigger
     definition["schedule"] = {"cron": None, "assets": []}
     definition["training"]["config"] = str(ROOT / definition["training"]["config"])
     (pipelines / "fraud.yaml").write_text(yaml.safe_dump(definition))
+    # A policy of GX success and complete lineage only (the defaults; the image by its content id): no
+    # floors, no comparison with the champion, so case 2's model is promoted whatever its AUC vs case 1's.
+    (pipelines / definition["governance"]["policy"]).parent.mkdir(parents=True)
+    (pipelines / definition["governance"]["policy"]).write_text("version: prod-test\n")
     fraud.generate(home / "data", days=20, start="2026-01-01", rows_per_day=400, seed=0)
 
     docker_env = _docker_env()

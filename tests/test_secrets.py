@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from support import CANARIES, files_under, leaks, mlflow_records, moto_s3
+from support import CANARIES, files_under, leaks, mlflow_records, moto_s3, pipeline_settings
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -35,7 +35,12 @@ def s3_pipeline_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pyt
     from ctrain.settings import get_settings
     from ctrain_examples import fraud
 
+    # The fraud definition with a policy for a 2-epoch model (GX and lineage required; the floor by Param).
+    pipelines = tmp_path / "pipelines"
+    pipeline_settings(tmp_path / "home", "fraud", pipelines=pipelines)
+    (pipelines / "policies" / "fraud.yaml").write_text("version: secrets-test\n")
     env = {**CANARIES, "CTRAIN_HOME": str(tmp_path / "home"), "CTRAIN_OBJECT_ROOT": "s3://ctrain/objects",
+           "CTRAIN_PIPELINES_DIR": str(pipelines),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"}
     output: list[str] = []
     caplog.set_level(logging.INFO)  # what an Airflow task log records

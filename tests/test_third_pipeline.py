@@ -61,8 +61,7 @@ validation:
     account_open_tickets_7d: {{min: 0.0, max: 1000.0}}
     account_age_days: {{min: 0.0, max: 36500.0}}
 governance:
-  version: ticket-priority-v1
-  floor: 0.5          # three balanced classes: a constant scores ~0.33
+  policy: policies/ticket_priority.yaml
 training:
   config: {trainer_config}
   launcher: local
@@ -70,6 +69,23 @@ training:
 schedule:
   cron: null
   assets: [tickets]
+"""
+
+# The policy file, next to the definition (governance.policy is relative to the definition's directory).
+POLICY = """\
+version: ticket-priority-v1
+floors:
+  accuracy: 0.5       # three balanced classes: a constant scores ~0.33
+non_inferiority:
+  metric: accuracy
+  margin: 0.02
+  method: bootstrap
+  samples: 500
+slices:
+  - column: message_length
+    bins: [0, 300, 800, .inf]
+    min_rows: 50
+    floor: 0.4
 """
 
 FEATURE_STORE = """\
@@ -197,6 +213,8 @@ def user(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "pipelines").mkdir()
     (root / "pipelines" / f"{NAME}.yaml").write_text(
         DEFINITION.format(trainer_config=root / "configs" / f"{NAME}.yaml"))
+    (root / "pipelines" / "policies").mkdir()
+    (root / "pipelines" / "policies" / f"{NAME}.yaml").write_text(POLICY)
     (root / "feature_repo").mkdir()
     (root / "feature_repo" / "feature_store.yaml").write_text(FEATURE_STORE)
     (root / "feature_repo" / "ticket_priority.py").write_text(FEAST_DECLARATIONS)

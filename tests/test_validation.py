@@ -144,7 +144,7 @@ def test_poisoning_too_small_for_drift_is_stopped_by_governance_on_the_holdout(d
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from ctrain.governance import Policy, decide
+    from ctrain.governance import Evidence, decide, load_policy
 
     snap, report = _land_new_days(dp_drift_reference, dp_settings, label_flip=0.02)
     assert report.success, report.failed  # too small for the gate
@@ -162,9 +162,11 @@ def test_poisoning_too_small_for_drift_is_stopped_by_governance_on_the_holdout(d
     champion, challenger = fit(ref_frames["train"]), fit(new_frames["train"])
     assert auc(champion, ref_frames["test"]) > 0.8  # the same kind of model is fine on clean data
     holdout = new_frames["test"]
-    decision = decide(Policy.from_definition(FRAUD), {"test_roc_auc": auc(challenger, holdout)},
-                      {"test_roc_auc": auc(champion, holdout)})
+    evidence = Evidence(challenger={"test_roc_auc": auc(challenger, holdout)},
+                        champion={"test_roc_auc": auc(champion, holdout)})
+    decision = decide(load_policy(FRAUD, PROJECT_ROOT / "pipelines"), FRAUD, evidence)
     assert not decision.approved
+    assert not next(r for r in decision.rules if r.name == "floor:test_roc_auc").passed
     assert any("below floor" in r for r in decision.reasons)
 
 

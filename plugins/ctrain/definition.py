@@ -9,6 +9,7 @@ them names an example.
     python -m ctrain.definition check pipelines/*.yaml   # validate definitions (exit 65 naming each error)
     python -m ctrain.definition schema                   # JSON schema (pipelines/definition.schema.json)
     python -m ctrain.definition table                    # the reference table of pipelines/README.md
+    python -m ctrain.definition policy-table             # the policy file's table of pipelines/README.md
 
 Cheap to import (pydantic and yaml only): the DAG file loads every definition at parse time.
 """
@@ -147,13 +148,10 @@ class Approval(_Section):
 
 
 class Governance(_Section):
-    """Promotion rules over the test metrics (both models on the same test split)."""
+    """Promotion: the policy file with the rules, and when a person must approve."""
 
-    version: str = Field(description="Policy version recorded with every decision; bump it when a rule changes.")
-    floor: float = Field(description="The primary metric must be at least this (higher) or at most this (lower).")
-    max_regression: float = Field(
-        default=0.0, ge=0, description="How much worse than the champion's primary metric is still acceptable."
-    )
+    policy: Path = Field(description="Policy file (rules, version; `ctrain.governance.Policy`, fields in "
+                         "pipelines/README.md), relative to this definition's directory.")
     approval: Approval = Field(default_factory=Approval, description="Human approval after the policy's yes.")
     keep_versions: int = Field(
         default=10, ge=1, description="Retirement keeps the newest N versions (and champion/previous/challenger)."
@@ -276,6 +274,9 @@ def load_file(path: Path) -> PipelineDefinition:
         raise ConfigError("\n".join(lines)) from None
     if path.stem != definition.name:
         raise ConfigError(f"pipeline definition {path}: file name must be {definition.name}.yaml (its name)")
+    from ctrain.governance import load_policy
+
+    load_policy(definition, path.parent)  # a bad policy fails with the definition, at DAG parse time
     return definition
 
 
@@ -305,10 +306,11 @@ def json_schema() -> dict[str, Any]:
     return PipelineDefinition.model_json_schema()
 
 
-def markdown_table() -> str:
-    """The field reference of pipelines/README.md, generated from the models."""
+def markdown_table(model: type[BaseModel] = PipelineDefinition) -> str:
+    """The field reference of pipelines/README.md, generated from the models (a definition's, or with
+    ``model`` the policy file's)."""
     rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-    rows += [f"| `{k}` | {t} | {d} | {desc} |" for k, t, d, desc in _fields(PipelineDefinition)]
+    rows += [f"| `{k}` | {t} | {d} | {desc} |" for k, t, d, desc in _fields(model)]
     return "\n".join(rows)
 
 
@@ -316,6 +318,11 @@ def _fields(model: type[BaseModel], prefix: str = "") -> Iterable[tuple[str, str
     for name, field in model.model_fields.items():
         annotation = field.annotation
         nested = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        items = getattr(annotation, "__args__", ()) if getattr(annotation, "__origin__", None) is list else ()
+        if len(items) == 1 and isinstance(items[0], type) and issubclass(items[0], BaseModel):
+            yield f"{prefix}{name}", "list", "`[]`", field.description or ""
+            yield from _fields(items[0], f"{prefix}{name}[].")
+            continue
         if nested is None:  # `X | None` of a section
             args = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
             nested = args[0] if len(args) == 1 and name != "feature_ranges" else None
@@ -323,7 +330,7 @@ def _fields(model: type[BaseModel], prefix: str = "") -> Iterable[tuple[str, str
             yield from _fields(nested, f"{prefix}{name}.")
             continue
         kind = str(annotation)
-        for noise in ("typing.", "ctrain.definition.", "__main__.", "pathlib."):
+        for noise in ("typing.", "ctrain.definition.", "ctrain.governance.", "__main__.", "pathlib."):
             kind = kind.replace(noise, "")
         kind = re.sub(r"Literal\[([^\]]*)\]", lambda m: m.group(1).replace("'", "").replace(", ", " / "), kind)
         kind = getattr(annotation, "__name__", kind) if isinstance(annotation, type) else kind
@@ -345,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "table":
         print(markdown_table())
         return 0
+    if command == "policy-table":
+        from ctrain.governance import Policy
+
+        print(markdown_table(Policy))
+        return 0
     if command == "check" and args:
         failed = 0
         for path in args:
@@ -355,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(exc, file=sys.stderr)
                 failed += 1
         return 65 if failed else 0
-    print("usage: python -m ctrain.definition check FILE... | schema | table", file=sys.stderr)
+    print("usage: python -m ctrain.definition check FILE... | schema | table | policy-table", file=sys.stderr)
     return 64
 
 

@@ -154,16 +154,81 @@ def score_model(model, snapshot_uri: str, definition: PipelineDefinition, split:
     class 1 (binary), one probability per class in class order (multiclass) or the value (regression);
     the metrics are computed from them.
     """
+    frame, manifest = read_split(snapshot_uri, split, settings)
+    return scores(definition, frame[manifest["label_column"]].to_numpy(), predict(model, frame, manifest), split)
+
+
+def predict(model, frame, manifest: dict):
+    """The served outputs of ``model`` for every row of ``frame`` (float64, one row per input row)."""
     import numpy as np
 
-    frame, manifest = read_split(snapshot_uri, split, settings)
-    features = frame[manifest["feature_columns"]].astype("float32")
-    predictions = np.asarray(model.predict(features), dtype="float64")
-    labels = frame[manifest["label_column"]].to_numpy()
+    return np.asarray(model.predict(frame[manifest["feature_columns"]].astype("float32")), dtype="float64")
+
+
+def scores(definition: PipelineDefinition, labels, outputs, split: str = "test") -> dict[str, float]:
+    """``{split}_{metric}`` for every metric of ``definition`` from ``labels`` and served ``outputs``."""
     wanted = [m.removeprefix("test_") for m in definition.test_metrics]
     metrics = _metric_functions()[definition.task.type]
-    scores = {f"{split}_{name}": float(metrics[name](labels, predictions)) for name in wanted}
-    return {**scores, f"{split}_rows": float(len(frame))}
+    values = {f"{split}_{name}": float(metrics[name](labels, outputs)) for name in wanted}
+    return {**values, f"{split}_rows": float(len(labels))}
+
+
+def metric_function(task: str, name: str):
+    """f(labels, served outputs) -> the metric ``name`` of ``task`` (a name of TASK_METRICS)."""
+    return _metric_functions()[task][name]
+
+
+def output_columns(prefix: str, outputs) -> dict:
+    """Served outputs as named columns of the predictions file: ``prefix`` (one value per row) or
+    ``prefix_<k>`` (one per class)."""
+    flat = outputs.reshape(len(outputs), -1)
+    if flat.shape[1] == 1:
+        return {prefix: flat[:, 0]}
+    return {f"{prefix}_{k}": flat[:, k] for k in range(flat.shape[1])}
+
+
+def predictions_table(labels, challenger, champion, slices: dict):
+    """The per-row evaluation record: label, both models' outputs on the same rows, the slice columns."""
+    import pandas as pd
+
+    columns = {"label": labels, **output_columns("challenger", challenger)}
+    if champion is not None:
+        columns.update(output_columns("champion", champion))
+    return pd.DataFrame({**columns, **slices})
+
+
+def model_bytes(model_uri: str, settings: Settings | None = None) -> int:
+    """Bytes of every artifact of the MLflow model at ``model_uri`` (what a deployment downloads)."""
+    import tempfile
+    from pathlib import Path
+
+    from mlflow.artifacts import download_artifacts
+
+    from ctrain.registry import mlflow_at
+
+    at = mlflow_at(settings) if settings is not None else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="ctrain-size-") as tmp, at:
+        local = Path(download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        return sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+
+
+def latency_p95_ms(model, frame, manifest: dict, batch_rows: int, batches: int, seed: int = 0) -> float:
+    """p95 wall milliseconds of ``model.predict`` on ``batches`` batches of ``batch_rows`` test rows (drawn
+    with replacement, seeded), after one warm-up batch, on this process's CPU."""
+    import time
+
+    import numpy as np
+
+    features = frame[manifest["feature_columns"]].astype("float32")
+    rng = np.random.default_rng(seed)
+    timings = []
+    for i in range(batches + 1):
+        batch = features.iloc[rng.integers(0, len(features), batch_rows)]
+        started = time.perf_counter()
+        model.predict(batch)
+        if i:  # the first batch warms up the program
+            timings.append((time.perf_counter() - started) * 1000)
+    return float(np.quantile(timings, 0.95))
 
 
 def _binary(predictions):  # one value per row: probability of class 1, or the regression value

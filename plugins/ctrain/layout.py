@@ -4,6 +4,7 @@
     {object_root}/datasets/{dataset_version}/{train,val,test}.parquet, manifest.json   dataset snapshots
     {object_root}/checkpoints/{run_key}/step-{N:08d}/                                  trainer checkpoints
     {object_root}/runs/{run_key}/result.json, failure.json                             trainer output
+    {object_root}/runs/{run_key}/evaluation/predictions-vs-{champion}.parquet         per-row test outputs
     {object_root}/reports/validations/{dataset_version}/{result_id}/                   GX reports
     {object_root}/audit/{model}/{seq:08d}.json                                          audit chain records
     {object_root}/locks/{model}.lock (file:// only; else {home}/locks/)                promotion file lock
@@ -57,6 +58,12 @@ def checkpoint_uri(object_root: str, run_key: str) -> str:
 def run_output_uri(object_root: str, run_key: str) -> str:
     """The trainer's ``output.uri`` for one run key (result.json, failure.json)."""
     return join(object_root, "runs", run_key)
+
+
+def predictions_uri(object_root: str, run_key: str, champion_version: str | None) -> str:
+    """Per-row test outputs of one run's model and of the champion it was compared with (``v3`` or ``none``)."""
+    against = f"v{champion_version}" if champion_version is not None else "none"
+    return join(run_output_uri(object_root, run_key), "evaluation", f"predictions-vs-{against}.parquet")
 
 
 def reports_root(object_root: str) -> str:

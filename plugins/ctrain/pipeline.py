@@ -18,7 +18,6 @@ import yaml
 
 from ctrain import layout, lineage, params, registry, storage
 from ctrain.errors import ConfigError, CtrainError, DataError, GovernanceRejected, TrainingFailed
-from ctrain.governance import Policy, decide
 from ctrain.launchers import TrainingJob, get_launcher
 from trainer.contract import FAILURE_FILE, RESULT_FILE, TrainerResult, describe_exit
 
@@ -245,40 +244,71 @@ def evaluate(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
 
     Every metric of the definition is computed from the exported model; its primary metric must
     reproduce what the trainer logged for the same split (when the trainer logs that metric), else the
-    export does not hold the trained weights."""
-    from ctrain.evaluation import input_names, load_model, score_model
-    from ctrain.snapshot import read_manifest
+    export does not hold the trained weights. Both models' per-row outputs, the labels and the policy's
+    slice columns go to one parquet file (:func:`ctrain.layout.predictions_uri`) for govern's paired
+    intervals; the model's artifact bytes and, when the policy limits it, its p95 CPU latency are measured
+    here, where the model is loaded."""
+    from ctrain import evaluation as ev
+    from ctrain.governance import load_policy
 
     definition = settings.definition
+    policy = load_policy(definition, settings.pipelines_dir).policy
     primary = definition.primary_test_metric
-    challenger = score_model(load_model(training["model_uri"], settings), snapshot["uri"], definition,
-                             settings=settings)
+    frame, manifest = ev.read_split(snapshot["uri"], "test", settings)
+    labels = frame[manifest["label_column"]].to_numpy()
+    missing = sorted({s.column for s in policy.slices} - set(frame.columns))
+    if missing:
+        raise ConfigError(f"policy slices name column(s) {', '.join(missing)} that the test split lacks "
+                          f"(it has {', '.join(frame.columns)}); fix slices[].column of the policy")
+    model = ev.load_model(training["model_uri"], settings)
+    outputs = ev.predict(model, frame, manifest)
+    challenger = ev.scores(definition, labels, outputs)
     logged = training["metrics"].get(primary)
     if logged is not None and abs(challenger[primary] - logged) > _REPRODUCTION_TOLERANCE * max(1.0, abs(logged)):
         raise CtrainError(
             f"exported model scores {primary}={challenger[primary]:.6f} but training logged "
             f"{logged:.6f}: the MLflow model does not reproduce the trained weights ({training['model_uri']})"
         )
+    latency = policy.latency
+    p95 = ev.latency_p95_ms(model, frame, manifest, latency.batch_rows, latency.batches) if latency else None
     client = registry.get_client(settings)
     champion_version = registry.alias_version(client, settings.model_name, registry.CHAMPION)
-    champion = None
+    champion, champion_outputs = None, None
     if champion_version is not None:
-        champion_uri = f"models:/{settings.model_name}/{champion_version}"
-        features = read_manifest(snapshot["uri"], settings)["feature_columns"]
-        champion_model = load_model(champion_uri, settings)
-        if input_names(champion_model) == features:
-            champion = score_model(champion_model, snapshot["uri"], definition, settings=settings)
+        champion_model = ev.load_model(f"models:/{settings.model_name}/{champion_version}", settings)
+        if ev.input_names(champion_model) == manifest["feature_columns"]:
+            champion_outputs = ev.predict(champion_model, frame, manifest)
+            champion = ev.scores(definition, labels, champion_outputs)
         else:
             # A champion trained on another feature set cannot be scored on this snapshot; the policy then
-            # judges the challenger on its floor alone, and the audit record says so.
+            # judges the challenger without the comparison, and the decision says so.
             log.warning("champion v%s takes other inputs than this snapshot's features; not compared",
                         champion_version)
+    table = ev.predictions_table(labels, outputs, champion_outputs,
+                                 {c: frame[c].to_numpy() for c in dict.fromkeys(s.column for s in policy.slices)})
+    predictions_uri = layout.predictions_uri(settings.resolved_object_root, training["run_key"],
+                                             champion_version if champion is not None else None)
+    storage.put_bytes(predictions_uri, _parquet_bytes(table), settings)
     run_id = training["mlflow_run_id"]
     for name in definition.test_metrics:
         client.log_metric(run_id, f"eval_{name}", challenger[name])
         if champion is not None:
             client.log_metric(run_id, f"champion_{name}", champion[name])
-    return {"challenger": challenger, "champion": champion, "champion_version": champion_version}
+    size = ev.model_bytes(training["model_uri"], settings)
+    client.log_metric(run_id, "eval_model_bytes", size)
+    if p95 is not None:
+        client.log_metric(run_id, "eval_latency_p95_ms", p95)
+    return {"challenger": challenger, "champion": champion, "champion_version": champion_version,
+            "predictions_uri": predictions_uri, "model_bytes": size, "latency_p95_ms": p95,
+            "mlflow_run_id": run_id, "run_key": training["run_key"], "snapshot_uri": snapshot["uri"]}
+
+
+def _parquet_bytes(frame: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
 
 
 # Relative (to the metric, at least 1) gap allowed between the exported model's primary metric and the
@@ -296,7 +326,7 @@ def register(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
         "source_partitions": snapshot["source_partitions"],
         "gx_result_id": validation["result_id"],
         "git_sha": lineage.git_sha(),
-        "image": settings.training_image if settings.resolved_launcher != "local" else "local",
+        "image": _image_reference(settings),
         "config_hash": training["config_hash"],
         "seed": str(training["seed"]),
         "dag_run_id": dag_run_id,
@@ -314,19 +344,107 @@ def register(settings: Settings, training: dict[str, Any], snapshot: dict[str, A
     return {"model": settings.model_name, "version": version, "alias": registry.CHALLENGER}
 
 
+def _image_reference(settings: Settings) -> str:
+    """The training image as lineage: ``local`` for the local launcher; for docker the image's content id
+    (``<tag>@sha256:...``) from the engine that ran it; for kubernetes the configured reference, which the
+    policy's lineage rule wants pinned by digest."""
+    launcher = settings.resolved_launcher
+    if launcher == "local":
+        return "local"
+    image = settings.training_image
+    if launcher == "docker" and "@sha256:" not in image:
+        import docker
+
+        client = docker.from_env()
+        try:
+            return f"{image}@{client.images.get(image).id}"
+        finally:
+            client.close()
+    return image
+
+
 def govern(settings: Settings, evaluation: dict[str, Any], primary_metric_floor: float | None = None) -> dict[str, Any]:
-    """Apply the definition's promotion policy (``primary_metric_floor`` replaces its floor when given);
-    raises ``GovernanceRejected`` so nothing is promoted on a 'no'."""
-    policy = Policy.from_definition(settings.definition, floor=primary_metric_floor)
-    decision = decide(policy, evaluation["challenger"], evaluation["champion"])
+    """Apply the pipeline's policy file (``primary_metric_floor`` replaces the primary metric's floor when
+    given), record the decision, approval or rejection alike, on the challenger's version (tags), its run
+    (tags + ``governance/decision.json``), the audit trail and the model card; then raise
+    ``GovernanceRejected`` on a 'no', so nothing is promoted."""
+    from ctrain import governance, modelcard
+
+    definition = settings.definition
+    loaded = governance.load_policy(definition, settings.pipelines_dir)
+    client = registry.get_client(settings)
+    run_id = evaluation.get("mlflow_run_id")
+    version = registry.version_of_run(client, settings.model_name, run_id) if run_id else None
+    tags = client.get_model_version(settings.model_name, version).tags if version else {}
+    predictions = None
+    if evaluation.get("predictions_uri"):
+        predictions = _read_parquet(evaluation["predictions_uri"], settings)
+    evidence = governance.Evidence(
+        challenger=evaluation["challenger"], champion=evaluation["champion"], predictions=predictions,
+        lineage=tags, validation_success=_validation_success(client, run_id, settings),
+        model_bytes=evaluation.get("model_bytes"), latency_p95_ms=evaluation.get("latency_p95_ms"))
+    decision = governance.decide(loaded, definition, evidence, primary_floor=primary_metric_floor)
     for reason in decision.reasons:
         log.info("governance: %s", reason)
     result = {"approved": decision.approved, "policy_version": decision.policy_version,
-              "reasons": decision.reasons, "metrics_compared": decision.metrics_compared,
-              "approval": approval_needed(settings.definition.governance.approval, evaluation, grey_zone=False)}
+              "policy_sha256": decision.policy_sha256, "reasons": decision.reasons,
+              "metrics_compared": decision.metrics_compared, "champion_version": evaluation.get("champion_version"),
+              "rules": [r.to_dict() for r in decision.rules],
+              "grey_zone": decision.grey_zone,
+              "metric_intervals": governance.metric_intervals(loaded, definition, predictions),
+              "approval": approval_needed(definition.governance.approval, evaluation, grey_zone=decision.grey_zone)}
+    if version is not None:
+        result["audit_uri"] = _record_decision(client, settings, version, run_id, tags, evaluation, result)
+        modelcard.publish(settings, settings.model_name, version)
     if not decision.approved:
-        raise GovernanceRejected("challenger not promoted: " + "; ".join(decision.reasons))
+        raise GovernanceRejected("challenger not promoted: " + "; ".join(
+            r for r, rule in zip(decision.reasons, decision.rules, strict=True) if not rule.passed))
     return result
+
+
+def _read_parquet(uri: str, settings: Settings) -> Any:
+    import io
+
+    import pandas as pd
+
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(uri, settings)))
+
+
+def _validation_success(client: Any, run_id: str | None, settings: Settings) -> bool | None:
+    """The GX result of the run's training snapshot, read from the report the run links (``gx_report_uri``)."""
+    if not run_id:
+        return None
+    report_uri = client.get_run(run_id).data.tags.get("gx_report_uri")
+    report = storage.read_json(report_uri, settings) if report_uri else None
+    return bool(report.get("success")) if isinstance(report, dict) and "success" in report else None
+
+
+def _record_decision(client: Any, settings: Settings, version: str, run_id: str, tags: dict[str, str],
+                     evaluation: dict[str, Any], result: dict[str, Any]) -> str:
+    """The decision on the version's tags, the run (tags + ``governance/decision.json``) and the audit trail."""
+    name, approved = settings.model_name, result["approved"]
+    failed = [r["name"] for r in result["rules"] if not r["passed"]]
+    summary = (f"approved under {result['policy_version']}: {len(result['rules'])} rules passed" if approved else
+               f"rejected under {result['policy_version']}: failed {', '.join(failed)}")
+    record = registry.AuditRecord(
+        model=name, version=version, action="approve" if approved else "reject",
+        decided_by=f"policy:{result['policy_version']}", policy_version=result["policy_version"],
+        previous_champion=evaluation.get("champion_version"), metrics_compared=result["metrics_compared"],
+        reasons=result["reasons"], dag_run_id=tags.get("dag_run_id", ""), at=time.time(),
+        policy_sha256=result["policy_sha256"], details={"rules": result["rules"], "grey_zone": result["grey_zone"]})
+    audit_uri = registry.write_audit(settings, record)
+    decision_tags = {"governance.decision": record.action, "governance.policy_version": result["policy_version"],
+                     "governance.policy_sha256": result["policy_sha256"], "governance.summary": summary,
+                     "governance.grey_zone": str(result["grey_zone"]).lower(), "governance.audit": audit_uri}
+    for key, value in decision_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+        client.set_tag(run_id, key, value)
+    client.log_text(run_id, json.dumps({**result, "model": name, "version": version}, indent=2, default=str),
+                    DECISION_ARTIFACT)
+    return audit_uri
+
+
+DECISION_ARTIFACT = "governance/decision.json"
 
 
 def approval_needed(approval: Any, evaluation: dict[str, Any], grey_zone: bool) -> dict[str, Any]:
@@ -347,6 +465,7 @@ def promote(settings: Settings, registration: dict[str, Any], evaluation: dict[s
         decided_by=f"policy:{decision['policy_version']}", policy_version=decision["policy_version"],
         previous_champion=evaluation["champion_version"], metrics_compared=decision["metrics_compared"],
         reasons=decision["reasons"], dag_run_id=dag_run_id, at=time.time(),
+        policy_sha256=decision.get("policy_sha256", ""),
     )
     audit_uri = registry.promote(client, settings, registration["version"], evaluation["champion_version"], record)
     return {"model": registration["model"], "version": registration["version"], "alias": registry.CHAMPION,

@@ -87,7 +87,13 @@ def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
     experiment = client.get_experiment_by_name(settings.experiment_name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(settings.experiment_name, artifact_location=settings.resolved_artifact_root)
+    location: str | None = settings.resolved_artifact_root
+    if location.startswith("mlflow-artifacts:"):
+        # Artifacts proxied by the server: it names the location mlflow-artifacts:/<experiment id>, the
+        # layout its basic-auth judges artifact writes by (a path naming no experiment gets the default
+        # permission, READ, so a non-admin service account could not log a single artifact).
+        location = None
+    return client.create_experiment(settings.experiment_name, artifact_location=location)
 
 
 def training_run_for(client: MlflowClient, settings: Settings, run_key: str, tags: dict[str, str]) -> TrainingRun:
@@ -166,6 +172,12 @@ def _wait_ready(client: MlflowClient, name: str, version: str, timeout_s: float 
         time.sleep(0.2)
 
 
+def version_of_run(client: MlflowClient, name: str, run_id: str) -> str | None:
+    """The version of ``name`` registered from ``run_id`` (register_challenger makes at most one), if any."""
+    versions = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return str(versions[0].version) if versions else None
+
+
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
@@ -180,7 +192,7 @@ class AuditRecord:
     model: str
     version: str
     action: str  # approve | reject | human_* | approval_timeout | promote | rollback | retire | register | external_move
-    decided_by: str  # "policy:<governance.version>" or "human:<user>"
+    decided_by: str  # "policy:<policy file's version>" or "human:<user>"
     policy_version: str
     previous_champion: str | None
     metrics_compared: dict[str, Any]
