@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import TYPE_CHECKING
 
 import fsspec
@@ -233,6 +234,12 @@ def test_demo_summary_shows_dataset_version_and_data_docs(trained):
     assert f"model               : {settings.model_name} v{mv.version}" in text
     assert "(pipeline fraud)" in text
     assert f"roc_auc={run.data.metrics['test_roc_auc']:.4f} (primary, higher is better)" in text
+    # The decision with every rule's reason (the non-inferiority interval among them) and the model card.
+    assert f"decision            : approve under policy {mv.tags['governance.policy_version']}" in text
+    assert re.search(r"^  pass floor:test_roc_auc: ", text, re.M), text
+    assert re.search(r"^  pass non_inferiority: .* interval \[[-+]", text, re.M), text  # e.g. [-0.0100, +0.0200]
+    assert f"model card          : {mv.tags['model_card']}" in text
+    assert f"ctrain rollback {settings.model_name} --to previous" in text
 
 
 def test_no_credential_reaches_a_log_mlflow_or_storage(trained):

@@ -104,9 +104,31 @@ def summary(settings: Settings) -> str:
         f"model               : {name} v{version}  aliases: {', '.join(sorted(mv.aliases))}",
         f"checkpoint          : {t.get('checkpoint')}",
         f"test metrics        : {_metric_line(settings.definition, m)}",
+        *_decision_lines(settings, mv.run_id, t),
+        f"model card          : {t.get('model_card', 'none logged')}",
+        f"alias history       : ctrain history {name}   (ctrain audit verify {name} checks the chain)",
+        f"roll back           : ctrain rollback {name} --to previous --reason '...'",
         f"UIs                 : {ui}",
     ]
     return "\n".join(lines)
+
+
+def _decision_lines(settings: Settings, run_id: str, tags: Mapping[str, str]) -> list[str]:
+    """The governance decision of the version: verdict, policy, and every rule's reason (the intervals are
+    in them), from the run's ``governance/decision.json``."""
+    import mlflow
+
+    from ctrain import registry
+    from ctrain.pipeline import DECISION_ARTIFACT
+
+    head = (f"decision            : {tags.get('governance.decision', 'not recorded')} under policy "
+            f"{tags.get('governance.policy_version')} (sha256 {str(tags.get('governance.policy_sha256'))[:12]})")
+    try:
+        with registry.mlflow_at(settings):
+            decision = mlflow.artifacts.load_dict(f"runs:/{run_id}/{DECISION_ARTIFACT}")
+    except Exception as exc:  # the summary still prints; the reason says why the reasons are missing
+        return [head, f"  reasons           : not readable ({type(exc).__name__})"]
+    return [head, *(f"  {reason}" for reason in decision.get("reasons", []))]
 
 
 def _metric_line(definition: PipelineDefinition, metrics: Mapping[str, float]) -> str:
