@@ -213,13 +213,13 @@ def airflow_image(engine) -> str:
 
 def test_airflow_image_parses_the_dags_with_ctrain_paths_resolved(docker_client, airflow_image):
     """The compose profile's image: ctrain's default paths exist in it, the DAGs parse, and the docker
-    launcher's SDK is there; it runs as uid 1000."""
+    launcher's SDK and the production drivers are there; it runs as uid 1000."""
     script = textwrap.dedent("""
         import json, os
         from pathlib import Path
         from airflow.dag_processing.dagbag import BundleDagBag
         from ctrain.settings import Settings
-        import docker, celery, psycopg2  # the docker launcher's SDK; CeleryExecutor; Postgres
+        import docker, psycopg2, redis, flask_wtf  # the docker launcher's SDK; Postgres; Feast's Redis online store; MLflow basic-auth
         s = Settings()
         folder = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
         bag = BundleDagBag(str(folder), bundle_path=folder)
