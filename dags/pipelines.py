@@ -154,8 +154,9 @@ def continuous_training(definition: PipelineDefinition) -> None:
         def govern(evaluation: dict, registration: dict) -> dict:
             from ctrain import pipeline
 
-            floor = get_current_context()["params"]["primary_metric_floor"]
-            return pipeline.govern(get_settings(pipeline=name), evaluation, primary_metric_floor=floor)
+            ctx = get_current_context()
+            return pipeline.govern(get_settings(pipeline=name), evaluation,
+                                   primary_metric_floor=ctx["params"]["primary_metric_floor"], dag_run_id=ctx["run_id"])
 
         # Runs after an approval or when none was required (approve skipped); a rejection, a timeout or a
         # failure upstream fails approve or an earlier task, and then promote never runs.

@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow
 USERS = ("admin:admin", "approver:user", "operator:user", "viewer:viewer")
 DAG, QUICK_DAG = "continuous_training__fraud", "continuous_training__fraud_quick"
 QUICK_MODEL, QUICK_TIMEOUT_S = "fraud_quick_detector", 15
+POLICY_VERSION = "approval-test"  # the test's policy: GX success and complete lineage (the defaults) only
 DAYS, ROWS_PER_DAY = 20, 800
 
 
@@ -64,7 +65,7 @@ def _definitions(pipelines: Path) -> None:
     # This test is about the person, not the policy's rules (a small world): a policy of GX success and
     # complete lineage only (the defaults), no floors, no comparison with the champion.
     (pipelines / tree["governance"]["policy"]).parent.mkdir(parents=True)
-    (pipelines / tree["governance"]["policy"]).write_text("version: approval-test\n")
+    (pipelines / tree["governance"]["policy"]).write_text(f"version: {POLICY_VERSION}\n")
     quick = {**tree, "name": "fraud_quick", "model": {**tree["model"], "name": QUICK_MODEL},
              "governance": {**tree["governance"],
                             "approval": {**tree["governance"]["approval"], "timeout_s": QUICK_TIMEOUT_S}}}
@@ -255,9 +256,9 @@ def test_a_rejection_is_audited_and_nothing_is_promoted(airflow):
     assert status == 200, detail
     assert detail["subject"].startswith("Promote fraud_detector v1 to champion?")
     body = detail["body"]
-    assert "would become the first champion" in body and "Policy `fraud-v1` approved it" in body
+    assert "would become the first champion" in body and f"Policy `{POLICY_VERSION}` approved it" in body
     assert "| `test_roc_auc` (primary, higher is better) |" in body and "| `test_pr_auc` |" in body
-    assert "no champion yet: first model is judged on the floor alone" in body
+    assert "- pass validation: GX validation of the training snapshot" in body and "- pass lineage: lineage complete" in body
     assert "http://mlflow.test/#/models/fraud_detector/versions/1" in body
     assert [u["name"] for u in detail["assigned_users"]] == ["approver"]
     assert detail["defaults"] is None
@@ -279,7 +280,7 @@ def test_a_rejection_is_audited_and_nothing_is_promoted(airflow):
     assert record["decided_by"] == "human:approver" and record["version"] == "1"
     assert record["details"]["comment"] == "pr_auc too low for launch"
     assert record["details"]["approvers"] == ["approver"] and record["details"]["responded_at"]
-    assert record["dag_run_id"] == run_id and record["policy_version"] == "fraud-v1"
+    assert record["dag_run_id"] == run_id and record["policy_version"] == POLICY_VERSION
     assert not [r for r in _audit(airflow, "fraud_detector") if r["action"] in {"promote", "human_approve"}]
 
 
@@ -294,7 +295,8 @@ def test_an_approval_is_audited_and_the_champion_moves(airflow):
     [approved] = [r for r in records if r["action"] == "human_approve"]
     assert approved["decided_by"] == "human:approver" and approved["details"]["comment"] == "ship it"
     assert approved["dag_run_id"] == run_id
-    assert [r["action"] for r in records if r["dag_run_id"] == run_id] == ["human_approve", "promote"]
+    # this run's policy decision (on the version the rejected run registered), the person's, the move
+    assert [r["action"] for r in records if r["dag_run_id"] == run_id] == ["approve", "human_approve", "promote"]
     from ctrain import registry
 
     tags = registry.get_client(_settings(airflow)).get_model_version("fraud_detector", "1").tags
@@ -311,7 +313,8 @@ def test_no_answer_in_time_rejects(airflow):
     states = airflow.states(QUICK_DAG, run_id)
     assert states["approve"] == "failed" and states["promote"] == "upstream_failed", states
     assert _champion(airflow, "fraud_quick") is None
-    [record] = _audit(airflow, QUICK_MODEL)
+    [policy_yes, record] = _audit(airflow, QUICK_MODEL)
+    assert policy_yes["action"] == "approve" and policy_yes["dag_run_id"] == run_id
     assert record["action"] == "approval_timeout" and record["decided_by"] == "timeout"
     assert record["details"]["timeout_s"] == QUICK_TIMEOUT_S and record["details"]["chosen"] is None
     assert record["dag_run_id"] == run_id

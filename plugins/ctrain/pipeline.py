@@ -363,11 +363,13 @@ def _image_reference(settings: Settings) -> str:
     return image
 
 
-def govern(settings: Settings, evaluation: dict[str, Any], primary_metric_floor: float | None = None) -> dict[str, Any]:
+def govern(settings: Settings, evaluation: dict[str, Any], primary_metric_floor: float | None = None,
+           dag_run_id: str | None = None) -> dict[str, Any]:
     """Apply the pipeline's policy file (``primary_metric_floor`` replaces the primary metric's floor when
     given), record the decision, approval or rejection alike, on the challenger's version (tags), its run
     (tags + ``governance/decision.json``), the audit trail and the model card; then raise
-    ``GovernanceRejected`` on a 'no', so nothing is promoted."""
+    ``GovernanceRejected`` on a 'no', so nothing is promoted. The audit record names ``dag_run_id``, the run
+    that decided (default: the one that registered the version, which a rerun reuses)."""
     from ctrain import governance, modelcard
 
     definition = settings.definition
@@ -394,7 +396,8 @@ def govern(settings: Settings, evaluation: dict[str, Any], primary_metric_floor:
               "metric_intervals": governance.metric_intervals(loaded, definition, predictions),
               "approval": approval_needed(definition.governance.approval, evaluation, grey_zone=decision.grey_zone)}
     if version is not None:
-        result["audit_uri"] = _record_decision(client, settings, version, run_id, tags, evaluation, result)
+        result["audit_uri"] = _record_decision(client, settings, version, run_id, tags, evaluation, result,
+                                               dag_run_id or tags.get("dag_run_id", ""))
         modelcard.publish(settings, settings.model_name, version)
     if not decision.approved:
         raise GovernanceRejected("challenger not promoted: " + "; ".join(
@@ -420,7 +423,7 @@ def _validation_success(client: Any, run_id: str | None, settings: Settings) -> 
 
 
 def _record_decision(client: Any, settings: Settings, version: str, run_id: str, tags: dict[str, str],
-                     evaluation: dict[str, Any], result: dict[str, Any]) -> str:
+                     evaluation: dict[str, Any], result: dict[str, Any], dag_run_id: str) -> str:
     """The decision on the version's tags, the run (tags + ``governance/decision.json``) and the audit trail."""
     name, approved = settings.model_name, result["approved"]
     failed = [r["name"] for r in result["rules"] if not r["passed"]]
@@ -430,7 +433,7 @@ def _record_decision(client: Any, settings: Settings, version: str, run_id: str,
         model=name, version=version, action="approve" if approved else "reject",
         decided_by=f"policy:{result['policy_version']}", policy_version=result["policy_version"],
         previous_champion=evaluation.get("champion_version"), metrics_compared=result["metrics_compared"],
-        reasons=result["reasons"], dag_run_id=tags.get("dag_run_id", ""), at=time.time(),
+        reasons=result["reasons"], dag_run_id=dag_run_id, at=time.time(),
         policy_sha256=result["policy_sha256"], details={"rules": result["rules"], "grey_zone": result["grey_zone"]})
     audit_uri = registry.write_audit(settings, record)
     decision_tags = {"governance.decision": record.action, "governance.policy_version": result["policy_version"],
