@@ -146,36 +146,29 @@ def _admin_connection(settings: Settings):
 
 def ensure_databases(settings: Settings) -> list[str]:
     """Create the profile's databases that do not exist yet; returns the ones created."""
-    created = []
-    conn = _admin_connection(settings)
-    try:
-        with conn.cursor() as cur:
-            for suffix in DATABASES:
-                name = f"{settings.prod_db_prefix}_{suffix}"
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cur.fetchone() is None:
-                    cur.execute(f'CREATE DATABASE "{name}"')
-                    created.append(name)
-    finally:
-        conn.close()
-    return created
+    return _change_databases(settings, exists=False, statement='CREATE DATABASE "{}"')
 
 
 def drop_databases(settings: Settings) -> list[str]:
     """Drop the profile's databases (after ``scripts/prod.sh down``); returns the ones dropped."""
-    dropped = []
+    return _change_databases(settings, exists=True, statement='DROP DATABASE "{}" WITH (FORCE)')
+
+
+def _change_databases(settings: Settings, exists: bool, statement: str) -> list[str]:
+    """Run ``statement`` on each of the profile's databases that ``exists`` (or not); returns their names."""
+    changed = []
     conn = _admin_connection(settings)
     try:
         with conn.cursor() as cur:
             for suffix in DATABASES:
                 name = f"{settings.prod_db_prefix}_{suffix}"
                 cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cur.fetchone() is not None:
-                    cur.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-                    dropped.append(name)
+                if (cur.fetchone() is not None) == exists:
+                    cur.execute(statement.format(name))
+                    changed.append(name)
     finally:
         conn.close()
-    return dropped
+    return changed
 
 
 def delete_online_keys(settings: Settings) -> int:
